@@ -1,0 +1,172 @@
+"""Child processes of the harness: start pinned to a CPU, wait until ready, measure, stop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.env import BenchError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCALHOST = "127.0.0.1"
+STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(slots=True)
+class Service:
+    """A server the harness started in its own process group, logging to a file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 12) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def rss_mib(self) -> float | None:
+        """Resident memory of the process and its descendants (nginx workers, granian workers)."""
+        total_kib = 0
+        for pid in [self.process.pid, *_descendants(self.process.pid)]:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        return total_kib / 1024 if total_kib else None
+
+    def stop(self) -> None:
+        """SIGTERM the service's process group, SIGKILL it if it lingers."""
+        if self.process.poll() is not None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=STOP_GRACE_S)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found.extend(children)
+        todo.extend(children)
+    return found
+
+
+def start(
+    name: str, argv: list[str], *, cpu: int, taskset: str, logdir: Path, env: dict[str, str] | None = None
+) -> Service:
+    """Start ``argv`` pinned to ``cpu`` in a new process group, output to ``logdir/<name>.log``."""
+    log = logdir / f"{name}.log"
+    with log.open("wb") as out:
+        try:
+            process = subprocess.Popen(
+                [taskset, "-c", str(cpu), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=REPO_ROOT,
+                env={**os.environ, **(env or {})},
+            )
+        except OSError as exc:
+            raise BenchError(f"cannot start {name}: {exc}") from exc
+    return Service(name=name, process=process, log=log)
+
+
+def http_status(
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 2.0,
+) -> tuple[int, bytes]:
+    """One request to 127.0.0.1; ``(0, reason)`` when it could not be made."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(exc).encode()
+
+
+def wait_http(service: Service, url: str, *, timeout: float = 20.0) -> None:
+    """Poll ``url`` until it answers 200; fail with the service's log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise BenchError(
+                f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}"
+            )
+        status, body = http_status(url, timeout=1.0)
+        if status == 200:
+            return
+        last = f"last answer {status}: {body[:200].decode(errors='replace')}"
+        time.sleep(0.1)
+    raise BenchError(
+        f"{service.name} not ready at {url} after {timeout:.0f} s ({last}):\n{service.log_tail()}"
+    )
+
+
+def wait_tcp(service: Service, port: int, *, timeout: float = 20.0) -> None:
+    """Poll until 127.0.0.1:``port`` accepts connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise BenchError(
+                f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}"
+            )
+        try:
+            with socket.create_connection((LOCALHOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise BenchError(
+        f"{service.name} not listening on port {port} after {timeout:.0f} s:\n{service.log_tail()}"
+    )

@@ -1,0 +1,211 @@
+"""The lab: upstreams and proxies under test, started pinned and stopped when a scenario ends."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from bench import gateway, nginx
+from bench.env import BenchError, CpuPlan, Tools, missing_modules
+from bench.procs import LOCALHOST, Service, free_port, http_status, start, wait_http, wait_tcp
+
+FAKE_VLLM_MODULE = "sluice.testing.fake_vllm"
+STREAM_ITL_MS = 20
+STREAM_TOKENS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Something wrk or the stream client points at."""
+
+    name: str
+    base_url: str
+    service: Service | None
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url + "/v1/chat/completions"
+
+    def rss_mib(self) -> float | None:
+        return self.service.rss_mib() if self.service is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A target that could not be measured, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StackSpec:
+    """One alternative proxy of the stack study."""
+
+    name: str
+    label: str
+    modules: tuple[str, ...]
+
+
+STACKS = (
+    StackSpec(
+        "uvicorn-aiohttp", "ASGI on uvicorn (uvloop, httptools) + aiohttp client", ("uvicorn", "aiohttp")
+    ),
+    StackSpec(
+        "uvicorn-httpx", "ASGI on uvicorn (uvloop, httptools) + httpx.AsyncClient", ("uvicorn", "httpx")
+    ),
+    StackSpec("aiohttp", "aiohttp web server + aiohttp client", ("aiohttp",)),
+    StackSpec("granian-aiohttp", "ASGI on granian (uvloop) + aiohttp client", ("granian", "aiohttp")),
+)
+
+
+class Lab:
+    """Starts services pinned per the CPU plan; everything started is stopped by ``close``."""
+
+    def __init__(self, tools: Tools, cpus: CpuPlan, workdir: Path, key: str) -> None:
+        self.tools = tools
+        self.cpus = cpus
+        self.workdir = workdir
+        self.key = key
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def _keep(self, service: Service) -> Service:
+        self._stack.callback(service.stop)
+        return service
+
+    def _dir(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def canned_upstream(self) -> Target:
+        """nginx answering a canned chat completion, pinned with the load generator."""
+        port = free_port()
+        service = nginx.start_canned_upstream(
+            self._dir("upstream"),
+            port,
+            nginx=self.tools.nginx,
+            taskset=self.tools.taskset,
+            cpu=self.cpus.rest,
+        )
+        return Target("direct", f"http://{LOCALHOST}:{port}", self._keep(service))
+
+    def fake_vllm(self) -> Target:
+        """The fake vLLM streaming 64 tokens 20 ms apart, pinned with the load generator."""
+        if importlib.util.find_spec(FAKE_VLLM_MODULE) is None:
+            raise BenchError(f"{FAKE_VLLM_MODULE} not found (the fake vLLM is not written yet)")
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            FAKE_VLLM_MODULE,
+            "--port",
+            str(port),
+            "--model",
+            nginx.MODEL,
+            "--itl-ms",
+            str(STREAM_ITL_MS),
+            "--tokens",
+            str(STREAM_TOKENS),
+        ]
+        service = self._keep(
+            start(
+                f"fake-vllm-{port}", argv, cpu=self.cpus.rest, taskset=self.tools.taskset, logdir=self.workdir
+            )
+        )
+        wait_http(service, f"http://{LOCALHOST}:{port}/health")
+        return Target("direct", f"http://{LOCALHOST}:{port}", service)
+
+    def nginx_proxy(self, upstream: Target) -> Target:
+        """nginx as a plain reverse proxy in front of ``upstream``."""
+        port = free_port()
+        service = nginx.start_reverse_proxy(
+            self._dir(f"proxy-{port}"),
+            port,
+            _port(upstream),
+            nginx=self.tools.nginx,
+            taskset=self.tools.taskset,
+            cpu=self.cpus.proxy,
+        )
+        return Target("nginx", f"http://{LOCALHOST}:{port}", self._keep(service))
+
+    def sluice(self, upstream: Target) -> Target | Skipped:
+        """The Sluice gateway in front of ``upstream``, or why it could not run."""
+        port = free_port()
+        try:
+            service = gateway.start_gateway(
+                self.workdir,
+                port,
+                _port(upstream),
+                key=self.key,
+                taskset=self.tools.taskset,
+                cpu=self.cpus.proxy,
+            )
+        except BenchError as exc:
+            return Skipped("sluice", f"gateway not measured: {exc}")
+        return Target("sluice", f"http://{LOCALHOST}:{port}", self._keep(service))
+
+    def stack(self, spec: StackSpec, upstream: Target) -> Target | Skipped:
+        """One alternative proxy of the stack study, or why it could not run."""
+        missing = missing_modules(*spec.modules)
+        if missing:
+            return Skipped(
+                spec.name, f"not installed: {', '.join(missing)} (pip install -r bench/requirements.txt)"
+            )
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.stacks.serve",
+            spec.name,
+            "--port",
+            str(port),
+            "--upstream",
+            upstream.base_url,
+        ]
+        service = self._keep(
+            start(
+                f"stack-{spec.name}",
+                argv,
+                cpu=self.cpus.proxy,
+                taskset=self.tools.taskset,
+                logdir=self.workdir,
+                env={gateway.KEY_ENV: self.key},
+            )
+        )
+        try:
+            wait_tcp(service, port)
+        except BenchError as exc:
+            return Skipped(spec.name, str(exc))
+        return Target(spec.name, f"http://{LOCALHOST}:{port}", service)
+
+    def preflight(self, target: Target | Skipped) -> Target | Skipped:
+        """One real chat request; a target that does not answer 200 with choices is skipped."""
+        if isinstance(target, Skipped):
+            return target
+        body = orjson.dumps({"model": nginx.MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        status, answer = http_status(target.chat_url, method="POST", body=body, headers=headers, timeout=5.0)
+        if status == 200 and b'"choices"' in answer:
+            return target
+        return Skipped(
+            target.name, f"preflight POST answered {status}: {answer[:200].decode(errors='replace')}"
+        )
+
+
+def _port(target: Target) -> int:
+    return int(target.base_url.rsplit(":", 1)[1])

@@ -1,0 +1,125 @@
+"""Builds the gateway from its configuration and owns everything it opens.
+
+`Gateway` wires the pipeline (one list, in order), the backends with their connection pools and
+monitor, the metrics registry and the listening server, and closes all of them on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from sluice.config import SluiceConfig
+from sluice.context import RequestContext
+from sluice.http.request import HttpRequest
+from sluice.http.response import ResponseWriter
+from sluice.http.server import HttpServerProtocol, RequestIds, ServerSettings
+from sluice.metrics import GatewayMetrics
+from sluice.pipeline.auth import AuthStage
+from sluice.pipeline.chain import build_chain
+from sluice.pipeline.dispatch import Dispatcher
+from sluice.pipeline.errors import ErrorsStage
+from sluice.pipeline.ingress import IngressStage
+from sluice.pipeline.parse import ParseStage
+from sluice.routes import PATHS, LocalRoutes
+from sluice.upstream.backends import Backend, Backends
+from sluice.upstream.monitor import BackendMonitor
+from sluice.upstream.pool import ConnectionPool
+
+log = logging.getLogger("sluice.app")
+
+
+class Gateway:
+    def __init__(self, config: SluiceConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        timeouts, limits = config.timeouts, config.limits
+        self.backends = Backends(
+            Backend(
+                b,
+                ConnectionPool(
+                    b.host,
+                    b.port,
+                    connect_timeout=timeouts.connect,
+                    idle_timeout=timeouts.upstream_keepalive,
+                    max_idle=limits.max_idle_upstream_connections,
+                ),
+            )
+            for b in config.backends
+        )
+        self.metrics.watch_backends(self.backends)
+        self.monitor = BackendMonitor(self.backends, config.health)
+        dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing)
+        local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after)
+
+        async def terminal(ctx: RequestContext) -> None:
+            route = ctx.route
+            assert route is not None
+            if route.proxied:
+                await dispatcher(ctx)
+            else:
+                await local.handlers[route.name](ctx)
+
+        self._chain = build_chain(
+            [
+                ErrorsStage(self.metrics, self.backends),
+                IngressStage(PATHS),
+                AuthStage(config.auth.api_keys),
+                ParseStage(),
+            ],
+            terminal,
+        )
+        self._settings = ServerSettings(
+            max_body_bytes=limits.max_body_bytes,
+            max_header_bytes=limits.max_header_bytes,
+            header_timeout=timeouts.client_header,
+            body_timeout=timeouts.client_body,
+            keepalive_timeout=timeouts.client_keepalive,
+        )
+        self._ids = RequestIds()
+        self._server: asyncio.Server | None = None
+
+    async def handle(self, request: HttpRequest, writer: ResponseWriter) -> None:
+        ctx = RequestContext(request, writer, time.perf_counter())
+        await self._chain(ctx)
+
+    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
+        """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
+        await self.monitor.start()
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> HttpServerProtocol:
+            return HttpServerProtocol(self.handle, self._settings, self._ids)
+
+        server_config = self.config.server
+        if sock is not None:
+            self._server = await loop.create_server(protocol, sock=sock, backlog=server_config.backlog)
+        else:
+            self._server = await loop.create_server(
+                protocol,
+                server_config.host,
+                server_config.port,
+                backlog=server_config.backlog,
+                reuse_port=reuse_port or None,
+            )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.host}:{self.port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.monitor.close()
+        for backend in self.backends.all:
+            backend.pool.close()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,77 @@
+"""The `sluice` command line: serve, check-config, fake-vllm, version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sluice import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-vllm"]:
+        from sluice.testing.fake_vllm import main as fake_main
+
+        return fake_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="sluice", description="A production gateway for vLLM.")
+    parser.add_argument("--version", action="version", version=f"sluice {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, metavar="FILE", help="YAML configuration file")
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes (overrides server.workers)")
+
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("file", metavar="FILE")
+
+    commands.add_parser("fake-vllm", help="run the vLLM-compatible fake server (see `sluice fake-vllm --help`)")
+    commands.add_parser("version", help="print the version")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args.config, args.workers)
+    if args.command == "check-config":
+        return _check(args.file)
+    if args.command == "version":
+        print(f"sluice {__version__}")
+        return 0
+    parser.print_help()
+    return 2
+
+
+def _load(path: str):  # type: ignore[no-untyped-def]
+    from sluice.config_loader import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"sluice: invalid configuration\n{exc}", file=sys.stderr)
+        return None
+
+
+def _serve(path: str, workers: int | None) -> int:
+    config = _load(path)
+    if config is None:
+        return 2
+    if workers is not None and workers < 1:
+        print("sluice: --workers must be at least 1", file=sys.stderr)
+        return 2
+    from sluice.serve import serve
+
+    return serve(config, workers)
+
+
+def _check(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return 2
+    print(
+        f"{path}: OK — {len(config.backends)} backend(s), {len(config.auth.api_keys)} API key(s), "
+        f"listening on {config.server.host}:{config.server.port}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Configuration as frozen, strictly validated data (unknown keys are rejected).
+
+The models here describe every key of the YAML file; `docs/configuration.md` documents each one.
+Loading, `${ENV}` substitution and error messages that name the key and line live in `config_loader`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256)
+    backlog: int = Field(2048, ge=16)
+
+
+class BackendConfig(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    url: str
+    weight: float = Field(1.0, gt=0, le=1000)
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("must be an http:// URL with a host, such as http://127.0.0.1:8000")
+        if parts.path.rstrip("/") or parts.query or parts.fragment:
+            raise ValueError("must not have a path, query or fragment (the gateway adds /v1/...)")
+        return url.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
+
+class ApiKeyConfig(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    key: str = Field(min_length=8)
+    models: tuple[str, ...] | None = None
+
+
+class AuthConfig(Section):
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthConfig:
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("api_keys names must be unique")
+        keys = [k.key for k in self.api_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two api_keys entries have the same key")
+        return self
+
+
+class TimeoutsConfig(Section):
+    connect: PositiveSeconds = 10.0
+    read: PositiveSeconds = 300.0
+    stream_read: PositiveSeconds = 600.0
+    client_header: PositiveSeconds = 60.0
+    client_body: PositiveSeconds = 60.0
+    client_keepalive: PositiveSeconds = 75.0
+    upstream_keepalive: PositiveSeconds = 4.0
+
+
+class LimitsConfig(Section):
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_idle_upstream_connections: int = Field(512, ge=0)
+
+
+class HealthConfig(Section):
+    interval: PositiveSeconds = 5.0
+    timeout: PositiveSeconds = 2.0
+    discovery_interval: PositiveSeconds = 30.0
+
+
+class RoutingConfig(Section):
+    retries: int = Field(1, ge=0, le=5)
+    retry_after: int = Field(5, ge=1, le=3600)
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+class SluiceConfig(Section):
+    server: ServerConfig = ServerConfig()
+    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    auth: AuthConfig = AuthConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    health: HealthConfig = HealthConfig()
+    routing: RoutingConfig = RoutingConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_backends(self) -> SluiceConfig:
+        names = [b.name for b in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError("backends names must be unique")
+        return self
+
+
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -1,0 +1,79 @@
+"""The per-request state that flows through the pipeline, and the Stage protocol.
+
+A stage is `async (ctx, call_next) -> None`: it calls `call_next(ctx)` to continue, or answers itself
+through `ctx.writer` / by raising a `GatewayError` (Envoy's continue or local reply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sluice.http.request import HttpRequest
+from sluice.http.response import ResponseWriter
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the name of the key (never the key itself) and what it may use."""
+
+    name: str
+    models: frozenset[str] | None = None  # None: every model
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str  # bounded label for metrics: "chat", "completions", "embeddings", "models", ...
+    methods: tuple[str, ...]
+    public: bool  # reachable without a credential
+    proxied: bool  # forwarded to a backend (needs a JSON body with a model)
+    upstream_path: bytes = b""
+
+
+class RequestContext:
+    __slots__ = (
+        "attempts",
+        "backend",
+        "body",
+        "include_usage",
+        "model",
+        "payload",
+        "principal",
+        "request",
+        "route",
+        "started",
+        "stream",
+        "ttft",
+        "tpot",
+        "usage",
+        "writer",
+    )
+
+    def __init__(self, request: HttpRequest, writer: ResponseWriter, started: float) -> None:
+        self.request = request
+        self.writer = writer
+        self.started = started
+        self.route: Route | None = None
+        self.body: dict[str, Any] | None = None
+        self.payload: bytes = request.body  # what is sent upstream (the body, possibly rewritten)
+        self.model = ""
+        self.stream = False
+        self.include_usage = False  # the client asked for the usage chunk
+        self.principal: Principal | None = None
+        self.backend = ""
+        self.attempts = 0
+        self.usage: dict[str, Any] | None = None
+        self.ttft: float | None = None
+        self.tpot: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.writer.request_id.decode("ascii")
+
+
+Handler = Callable[[RequestContext], Awaitable[None]]
+
+
+class Stage(Protocol):
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None: ...

@@ -1,0 +1,82 @@
+"""Every Prometheus instrument of the gateway, declared once, on a registry owned by the app.
+
+Labels are bounded: routes are a fixed set, models are those the backends list (anything else is
+counted as "unknown"), backends come from config. Keys and users are never labels. Backend state is
+collected at scrape time rather than updated on the request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sluice.upstream.backends import Backends
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sluice_requests", "Requests answered, by route, model, backend and HTTP status.",
+            ["route", "model", "backend", "status"], registry=r,
+        )
+        self.duration = Histogram(
+            "sluice_request_duration_seconds", "Time from request received to response finished.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "sluice_time_to_first_token_seconds", "Time from request received to the first streamed token.",
+            ["model"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "sluice_time_per_output_token_seconds", "Mean time between streamed tokens of one response.",
+            ["model"], buckets=TPOT_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "sluice_tokens", "Tokens reported by the backends, by model and kind (prompt, completion).",
+            ["model", "kind"], registry=r,
+        )
+        self.in_flight = Gauge("sluice_requests_in_flight", "Requests being handled now.", registry=r)
+        self.retries = Counter(
+            "sluice_upstream_retries", "Requests retried on another backend, by the backend that failed and why.",
+            ["backend", "reason"], registry=r,
+        )
+        self.stream_errors = Counter(
+            "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
+            ["backend"], registry=r,
+        )
+
+    def watch_backends(self, backends: Backends) -> None:
+        self.registry.register(_BackendCollector(backends))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _BackendCollector(Collector):
+    def __init__(self, backends: Backends) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("sluice_backend_up", "1 if the backend passes health checks.", labels=["backend"])
+        load = GaugeMetricFamily(
+            "sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.", labels=["backend"]
+        )
+        models = GaugeMetricFamily(
+            "sluice_backend_models", "Models (base and LoRA) the backend lists.", labels=["backend"]
+        )
+        for backend in self._backends.all:
+            up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
+            load.add_metric([backend.name], backend.in_flight)
+            models.add_metric([backend.name], len(backend.models))
+        yield up
+        yield load
+        yield models

@@ -1,0 +1,231 @@
+"""Sends a proxied request to a backend that serves its model, retrying elsewhere before the first byte.
+
+Routing: healthy backends that list the model (base or LoRA), least outstanding requests first. A
+connect error, timeout or 5xx answer is retried on another such backend (`routing.retries` times), but
+only while nothing has reached the client; after that a failure ends the stream with an SSE error
+event. Cancellation (the client went away) aborts the upstream connection, so vLLM stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import orjson
+
+from sluice.config import RoutingConfig, TimeoutsConfig
+from sluice.context import RequestContext
+from sluice.errors import GatewayError, ModelNotFound, NoHealthyBackend, UpstreamError, UpstreamTimeout
+from sluice.http.response import JSON
+from sluice.metrics import GatewayMetrics
+from sluice.pipeline.relay import StreamRelay
+from sluice.upstream.backends import Backend, Backends
+from sluice.upstream.balancer import LeastOutstanding
+from sluice.upstream.connection import Exchange, UpstreamConnection, UpstreamFailure, UpstreamTimeoutFailure
+from sluice.upstream.monitor import BackendMonitor
+from sluice.upstream.pool import ConnectFailure
+
+log = logging.getLogger("sluice.dispatch")
+EVENT_STREAM = b"text/event-stream"
+# Headers that describe the client's connection or credentials, never forwarded to a backend.
+NOT_FORWARDED = frozenset(
+    {
+        b"host", b"authorization", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
+        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect", b"cookie",
+        b"content-type", b"x-request-id",
+    }
+)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        backends: Backends,
+        monitor: BackendMonitor,
+        metrics: GatewayMetrics,
+        timeouts: TimeoutsConfig,
+        routing: RoutingConfig,
+    ) -> None:
+        self._backends = backends
+        self._monitor = monitor
+        self._metrics = metrics
+        self._timeouts = timeouts
+        self._routing = routing
+        self._balancer = LeastOutstanding()
+        self._retry_after = (("retry-after", str(routing.retry_after)),)
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        candidates = await self._candidates(ctx.model)
+        head = self._head(ctx)
+        tried: list[Backend] = []
+        failure: GatewayError | None = None
+        for _ in range(1 + self._routing.retries):
+            backend = self._balancer.pick(candidates, tried)
+            if backend is None:
+                break
+            if tried:
+                self._metrics.retries.labels(tried[-1].name, failure.code if failure else "").inc()
+            tried.append(backend)
+            ctx.backend = backend.name
+            ctx.attempts += 1
+            backend.in_flight += 1
+            try:
+                failure = await self._exchange(ctx, backend, head)
+            finally:
+                backend.in_flight -= 1
+            if failure is None:
+                return
+            log.warning(
+                "backend attempt failed",
+                extra={"request_id": ctx.request_id, "backend": backend.name, "error": failure.message},
+            )
+            candidates = self._backends.serving(ctx.model)
+        raise failure or NoHealthyBackend(
+            f"No healthy backend serves '{ctx.model}' right now; retry later.", headers=self._retry_after
+        )
+
+    async def _candidates(self, model: str) -> tuple[Backend, ...]:
+        candidates = self._backends.serving(model)
+        if candidates:
+            return candidates
+        if not self._backends.knows(model):
+            await self._monitor.rediscover()  # an adapter may have been loaded since the last look
+            if not self._backends.knows(model):
+                raise ModelNotFound(
+                    f"The model '{model}' does not exist or is not served here; see GET /v1/models.",
+                    param="model",
+                )
+            candidates = self._backends.serving(model)
+        if not candidates:
+            raise NoHealthyBackend(
+                f"No healthy backend serves '{model}' right now; retry later.", headers=self._retry_after
+            )
+        return candidates
+
+    def _head(self, ctx: RequestContext) -> bytes:
+        route = ctx.route
+        assert route is not None
+        parts = [
+            b"POST ", route.upstream_path, b" HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            % len(ctx.payload),
+            b"x-request-id: ", ctx.writer.request_id, b"\r\n",
+        ]
+        for name, value in ctx.request.headers:
+            if name not in NOT_FORWARDED:
+                parts += (name, b": ", value, b"\r\n")
+        return b"".join(parts)
+
+    async def _exchange(self, ctx: RequestContext, backend: Backend, head: bytes) -> GatewayError | None:
+        """One attempt on `backend`: None when the client got an answer, else the error to retry on."""
+        data = [head, backend.host_header, backend.auth_header, b"\r\n", ctx.payload]
+        timeout = self._timeouts.read
+        conn: UpstreamConnection | None = None
+        exchange: Exchange | None = None
+        try:
+            try:
+                conn, exchange = await self._send(backend, data, timeout)
+                if not (exchange.status == 200 and exchange.content_type.startswith(EVENT_STREAM)):
+                    await exchange.done  # a whole JSON answer (or error) is collected, then sent at once
+            except ConnectFailure as exc:
+                self._monitor.report_failure(backend, str(exc))
+                return NoHealthyBackend(
+                    f"Backend {backend.name} is unreachable; retry later.", headers=self._retry_after
+                )
+            except UpstreamTimeoutFailure as exc:
+                return UpstreamTimeout(f"Backend {backend.name} did not answer in time ({exc}).")
+            except UpstreamFailure as exc:
+                return UpstreamError(f"Backend {backend.name} failed: {exc}.")
+            if exchange.status >= 500:
+                return UpstreamError(
+                    f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}"
+                )
+            if exchange.done.done():
+                self._answer(ctx, exchange)
+            else:
+                await self._relay(ctx, exchange)
+            return None
+        finally:
+            if exchange is not None and conn is not None and not exchange.done.done():
+                conn.abort()
+
+    async def _send(self, backend: Backend, data: list[bytes], timeout: float) -> tuple[UpstreamConnection, Exchange]:
+        """Send the request and wait for the response headers; a stale keep-alive connection is replaced."""
+        while True:
+            conn, reused = await backend.pool.acquire()
+            exchange = conn.send(data, timeout)
+            try:
+                await exchange.headers_ready
+            except UpstreamFailure as exc:
+                if reused and exc.nothing_received and not isinstance(exc, UpstreamTimeoutFailure):
+                    continue  # the backend had closed this idle connection; nothing was processed
+                raise
+            except asyncio.CancelledError:
+                conn.abort()
+                raise
+            return conn, exchange
+
+    def _answer(self, ctx: RequestContext, exchange: Exchange) -> None:
+        body = exchange.body[0] if len(exchange.body) == 1 else b"".join(exchange.body)
+        if exchange.status == 200:
+            ctx.usage = _usage(body)
+        elif exchange.status == 404:
+            asyncio.get_running_loop().create_task(self._monitor.rediscover())
+        ctx.writer.send(exchange.status, body, content_type=exchange.content_type or JSON)
+
+    async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:
+        writer = ctx.writer
+        writer.start(exchange.status, exchange.content_type)
+        exchange.set_timeout(self._timeouts.stream_read)
+        relay = StreamRelay(ctx, writer)
+        for part in exchange.body:  # arrived together with the headers
+            relay.feed(part)
+        exchange.body.clear()
+        exchange.sink = relay.feed
+        writer.set_flow(exchange.conn)
+        try:
+            await exchange.done
+        except UpstreamFailure as exc:
+            self._metrics.stream_errors.labels(ctx.backend).inc()
+            log.warning("stream cut", extra={"request_id": ctx.request_id, "backend": ctx.backend, "error": str(exc)})
+            relay.fail(f"The backend stream was interrupted ({exc}); the answer is incomplete.")
+            return
+        finally:
+            writer.set_flow(None)
+        relay.finish()
+
+
+def _message(parts: Iterable[bytes]) -> str:
+    """The error message inside a backend's error body, for our own error text."""
+    body = b"".join(parts)[:4096]
+    try:
+        payload = orjson.loads(body)
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        message = error.get("message") if isinstance(error, dict) else None
+        return str(message or error)[:500]
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")[:500] or "(empty body)"
+
+
+def _usage(body: bytes) -> dict[str, int] | None:
+    """The `usage` object of a completion body, found from the end without decoding the whole body."""
+    start = body.rfind(b'"usage":')
+    if start < 0:
+        return None
+    i = body.find(b"{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(body)):
+        c = body[j]
+        if c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                try:
+                    usage = orjson.loads(body[i : j + 1])
+                except orjson.JSONDecodeError:
+                    return None
+                return usage if isinstance(usage, dict) else None
+    return None

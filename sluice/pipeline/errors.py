@@ -1,0 +1,102 @@
+"""The outermost stage: renders errors and finalises every request, even when the client is gone.
+
+A `GatewayError` becomes an OpenAI-style JSON error, or an SSE error event when a stream has already
+started. Anything unexpected becomes a 500 that names the request id and nothing else; the traceback
+goes to the log. Whatever happened, the request is then counted and logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from sluice.context import Handler, RequestContext
+from sluice.errors import GatewayError, internal_error_body
+from sluice.metrics import GatewayMetrics
+from sluice.sse import data_event
+from sluice.upstream.backends import Backends
+
+log = logging.getLogger("sluice.errors")
+access = logging.getLogger("sluice.access")
+CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+
+
+class ErrorsStage:
+    def __init__(self, metrics: GatewayMetrics, backends: Backends) -> None:
+        self._metrics = metrics
+        self._backends = backends
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
+        self._metrics.in_flight.inc()
+        status = 0
+        try:
+            await call_next(ctx)
+            status = ctx.writer.status
+        except GatewayError as error:
+            status = answer_error(ctx, error)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        except Exception:
+            log.exception("unexpected error", extra={"request_id": ctx.request_id})
+            status = answer_error(ctx, None)
+        finally:
+            self._finalize(ctx, status)
+
+    def _finalize(self, ctx: RequestContext, status: int) -> None:
+        metrics = self._metrics
+        metrics.in_flight.dec()
+        elapsed = time.perf_counter() - ctx.started
+        route = ctx.route.name if ctx.route is not None else "unmatched"
+        model = ctx.model if ctx.model and self._backends.knows(ctx.model) else ("" if not ctx.model else "unknown")
+        metrics.requests.labels(route, model, ctx.backend, str(status)).inc()
+        metrics.duration.labels(route).observe(elapsed)
+        if ctx.ttft is not None:
+            metrics.ttft.labels(model).observe(ctx.ttft)
+        if ctx.tpot is not None:
+            metrics.tpot.labels(model).observe(ctx.tpot)
+        usage = ctx.usage
+        if usage is not None:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                metrics.tokens.labels(model, "prompt").inc(prompt)
+            if isinstance(completion, int):
+                metrics.tokens.labels(model, "completion").inc(completion)
+        if not access.disabled and access.isEnabledFor(logging.INFO):
+            access.info(
+                "request",
+                extra={
+                    "request_id": ctx.request_id,
+                    "method": ctx.request.method,
+                    "path": ctx.request.path,
+                    "status": status,
+                    "model": ctx.model or None,
+                    "backend": ctx.backend or None,
+                    "key": ctx.principal.name if ctx.principal else None,
+                    "client_ip": ctx.request.client_ip,
+                    "stream": ctx.stream,
+                    "attempts": ctx.attempts,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
+                    "prompt_tokens": usage.get("prompt_tokens") if usage else None,
+                    "completion_tokens": usage.get("completion_tokens") if usage else None,
+                },
+            )
+
+
+def answer_error(ctx: RequestContext, error: GatewayError | None) -> int:
+    """Tell the client about `error` (None: unexpected) in whatever form the response still allows."""
+    writer = ctx.writer
+    if error is None:
+        status, body, headers = 500, internal_error_body(ctx.request_id), ()
+    else:
+        status, body, headers = error.status, error.body(), error.headers
+    if not writer.started:
+        writer.send(status, body, headers=headers)
+        return status
+    if not writer.finished:
+        # The status line is gone; the client learns of the failure in-band, as OpenAI's SDK expects.
+        writer.write(data_event(body))
+        writer.end()
+    return writer.status

@@ -1,0 +1,26 @@
+"""Matches the request to a route: unknown paths get 404, wrong methods 405 with `Allow`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sluice.context import Handler, RequestContext, Route
+from sluice.errors import MethodNotAllowed, NotFound
+
+
+class IngressStage:
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self._routes = dict(routes)
+
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
+        request = ctx.request
+        route = self._routes.get(request.path)
+        if route is None:
+            raise NotFound(f"Unknown path {request.path[:200]}; the API lives under /v1 (see /v1/models).")
+        if request.method not in route.methods:
+            allowed = ", ".join(route.methods)
+            raise MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path}; use {allowed}.", headers=(("allow", allowed),)
+            )
+        ctx.route = route
+        await call_next(ctx)

@@ -1,0 +1,54 @@
+"""Reads the JSON body of proxied routes: parse, validate, apply the key's model allow-list.
+
+For streams it also asks vLLM for the usage chunk (`stream_options.include_usage`) so usage can be
+accounted; the relay strips that chunk again when the client did not ask for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from sluice.context import Handler, RequestContext
+from sluice.errors import GatewayError, InvalidJSON, InvalidRequest
+from sluice.pipeline.validation import CHECKS
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class ParseStage:
+    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
+        route = ctx.route
+        if route is not None and route.proxied:
+            self.read(ctx, route.name)
+        await call_next(ctx)
+
+    def read(self, ctx: RequestContext, route: str) -> None:
+        raw = ctx.request.body
+        if not raw:
+            raise InvalidRequest("The request body is empty; send a JSON object.")
+        try:
+            body: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        CHECKS[route](body)
+        model: str = body["model"]
+        principal = ctx.principal
+        if principal is not None and principal.models is not None and model not in principal.models:
+            raise Forbidden(f"This API key may not use the model '{model}'.", param="model")
+        ctx.body = body
+        ctx.model = model
+        if body.get("stream") is True:
+            ctx.stream = True
+            options = body.get("stream_options") or {}
+            ctx.include_usage = options.get("include_usage") is True
+            if not ctx.include_usage:
+                body["stream_options"] = {**options, "include_usage": True}
+                ctx.payload = orjson.dumps(body)

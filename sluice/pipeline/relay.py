@@ -1,0 +1,100 @@
+"""Relays an SSE stream from the backend to the client as it arrives, event by event.
+
+Runs inside the upstream connection's `data_received`: complete events are written to the client at
+once, in their original bytes. Only events mentioning `usage` are decoded, to capture the usage chunk
+(and drop it when the client did not ask for it). The timing of content events gives the time to first
+token and the mean time per output token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from sluice.context import RequestContext
+from sluice.errors import render_error
+from sluice.http.response import ResponseWriter
+from sluice.sse import EventSplitter, data_event
+
+DONE = b"data: [DONE]"
+
+
+class StreamRelay:
+    __slots__ = (
+        "_ctx",
+        "_first_token_at",
+        "_last_token_at",
+        "_splitter",
+        "_strip_usage",
+        "_writer",
+        "saw_done",
+        "tokens",
+    )
+
+    def __init__(self, ctx: RequestContext, writer: ResponseWriter) -> None:
+        self._ctx = ctx
+        self._writer = writer
+        self._strip_usage = not ctx.include_usage
+        self._splitter = EventSplitter()
+        self._first_token_at = 0.0
+        self._last_token_at = 0.0
+        self.tokens = 0
+        self.saw_done = False
+
+    def feed(self, data: bytes) -> None:
+        events = self._splitter.feed(data)
+        if not events:
+            return
+        keep: list[bytes] = []
+        for event in events:
+            if event.startswith(DONE):
+                self.saw_done = True
+            elif b'"usage"' in event and self._is_usage_chunk(event):
+                if self._strip_usage:
+                    continue
+            elif not (b'"role"' in event and b'"content":""' in event):
+                self._count_token()
+            keep.append(event)
+        if keep:
+            self._writer.write(keep[0] if len(keep) == 1 else b"".join(keep))
+
+    def _count_token(self) -> None:
+        now = time.perf_counter()
+        if self.tokens == 0:
+            self._first_token_at = now
+            self._ctx.ttft = now - self._ctx.started
+        self._last_token_at = now
+        self.tokens += 1
+
+    def _is_usage_chunk(self, event: bytes) -> bool:
+        start = event.find(b"{")
+        if start < 0:
+            return False
+        try:
+            chunk = orjson.loads(event[start:].rstrip())
+        except orjson.JSONDecodeError:
+            return False
+        usage = chunk.get("usage") if isinstance(chunk, dict) else None
+        if not isinstance(usage, dict):
+            return False
+        self._ctx.usage = usage
+        return not chunk.get("choices")
+
+    def finish(self) -> None:
+        """The backend ended the stream normally."""
+        rest = self._splitter.pending
+        if rest:
+            self._writer.write(rest)
+        self._timing()
+        self._writer.end()
+
+    def fail(self, message: str) -> None:
+        """The backend failed mid-stream: tell the client in-band and end the response properly."""
+        self._timing()
+        self._writer.write(data_event(render_error(message, "upstream_error", "stream_interrupted")))
+        self._writer.end()
+
+    def _timing(self) -> None:
+        if self.tokens > 1:
+            self._ctx.tpot = (self._last_token_at - self._first_token_at) / (self.tokens - 1)

@@ -1,0 +1,76 @@
+"""The route table (the one place public routes are listed) and the handlers the gateway answers itself."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from sluice import __version__
+from sluice.context import RequestContext, Route
+from sluice.errors import NoHealthyBackend
+from sluice.metrics import GatewayMetrics
+from sluice.upstream.backends import Backends
+
+PROXIED = (
+    Route("chat", ("POST",), public=False, proxied=True, upstream_path=b"/v1/chat/completions"),
+    Route("completions", ("POST",), public=False, proxied=True, upstream_path=b"/v1/completions"),
+    Route("embeddings", ("POST",), public=False, proxied=True, upstream_path=b"/v1/embeddings"),
+)
+LOCAL = (
+    Route("models", ("GET",), public=False, proxied=False),
+    Route("health", ("GET",), public=True, proxied=False),
+    Route("ready", ("GET",), public=True, proxied=False),
+    Route("version", ("GET",), public=True, proxied=False),
+    Route("metrics", ("GET",), public=True, proxied=False),
+)
+PATHS = {
+    "/v1/chat/completions": PROXIED[0],
+    "/v1/completions": PROXIED[1],
+    "/v1/embeddings": PROXIED[2],
+    "/v1/models": LOCAL[0],
+    "/health": LOCAL[1],
+    "/ready": LOCAL[2],
+    "/version": LOCAL[3],
+    "/metrics": LOCAL[4],
+}
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+LocalHandler = Callable[[RequestContext], Awaitable[None]]
+
+
+class LocalRoutes:
+    """Handlers for the routes answered without a backend."""
+
+    def __init__(self, backends: Backends, metrics: GatewayMetrics, retry_after: int) -> None:
+        self._backends = backends
+        self._metrics = metrics
+        self._retry_after = (("retry-after", str(retry_after)),)
+        self.handlers: dict[str, LocalHandler] = {
+            "models": self.models,
+            "health": self.health,
+            "ready": self.ready,
+            "version": self.version,
+            "metrics": self.metrics,
+        }
+
+    async def models(self, ctx: RequestContext) -> None:
+        cards = self._backends.healthy_models()
+        allowed = ctx.principal.models if ctx.principal is not None else None
+        if allowed is not None:
+            cards = [card for card in cards if card["id"] in allowed]
+        ctx.writer.send(200, orjson.dumps({"object": "list", "data": cards}))
+
+    async def health(self, ctx: RequestContext) -> None:
+        ctx.writer.send(200, b'{"status":"ok"}')
+
+    async def ready(self, ctx: RequestContext) -> None:
+        healthy = [b.name for b in self._backends.all if b.healthy]
+        if not healthy:
+            raise NoHealthyBackend("No backend is healthy yet.", headers=self._retry_after)
+        ctx.writer.send(200, orjson.dumps({"status": "ready", "healthy_backends": healthy}))
+
+    async def version(self, ctx: RequestContext) -> None:
+        ctx.writer.send(200, orjson.dumps({"name": "sluice", "version": __version__}))
+
+    async def metrics(self, ctx: RequestContext) -> None:
+        ctx.writer.send(200, self._metrics.render(), content_type=PROMETHEUS_TEXT)

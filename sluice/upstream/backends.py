@@ -1,0 +1,103 @@
+"""The backends the gateway knows: their health, the models they serve and their in-flight load.
+
+`Backends` keeps an index from model name (base model or LoRA adapter) to the backends that serve it,
+rebuilt only when discovery or health changes something, so routing a request is one dict lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sluice.config import BackendConfig
+from sluice.upstream.pool import ConnectionPool
+
+
+class Backend:
+    __slots__ = (
+        "auth_header",
+        "config",
+        "failures",
+        "healthy",
+        "host_header",
+        "in_flight",
+        "last_error",
+        "model_cards",
+        "models",
+        "name",
+        "pool",
+        "weight",
+    )
+
+    def __init__(self, config: BackendConfig, pool: ConnectionPool) -> None:
+        self.config = config
+        self.name = config.name
+        self.weight = config.weight
+        self.pool = pool
+        self.healthy = False
+        self.in_flight = 0
+        self.failures = 0
+        self.last_error = ""
+        self.models: frozenset[str] = frozenset(config.models)
+        self.model_cards: dict[str, dict[str, Any]] = {}
+        self.host_header = f"host: {config.host}:{config.port}\r\n".encode()
+        self.auth_header = f"authorization: Bearer {config.api_key}\r\n".encode() if config.api_key else b""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": self.config.url,
+            "healthy": self.healthy,
+            "models": sorted(self.models),
+            "in_flight": self.in_flight,
+            "last_error": self.last_error,
+        }
+
+
+class Backends:
+    def __init__(self, backends: Iterable[Backend]) -> None:
+        self.all: tuple[Backend, ...] = tuple(backends)
+        self.by_name = {b.name: b for b in self.all}
+        self._serving: dict[str, tuple[Backend, ...]] = {}
+        self._known: frozenset[str] = frozenset()
+        self._listeners: list[Callable[[], None]] = []
+        self.rebuild()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def rebuild(self) -> None:
+        serving: dict[str, list[Backend]] = {}
+        for backend in self.all:
+            if backend.healthy:
+                for model in backend.models:
+                    serving.setdefault(model, []).append(backend)
+        self._serving = {model: tuple(bs) for model, bs in serving.items()}
+        self._known = frozenset(m for b in self.all for m in b.models)
+        for listener in self._listeners:
+            listener()
+
+    def serving(self, model: str) -> tuple[Backend, ...]:
+        """Healthy backends that serve `model` (empty when none)."""
+        return self._serving.get(model, ())
+
+    def knows(self, model: str) -> bool:
+        """Whether any backend, healthy or not, has ever listed `model`."""
+        return model in self._known
+
+    @property
+    def any_healthy(self) -> bool:
+        return any(b.healthy for b in self.all)
+
+    def healthy_models(self) -> list[dict[str, Any]]:
+        """The OpenAI model cards of every model a healthy backend serves, first card per id."""
+        cards: dict[str, dict[str, Any]] = {}
+        for backend in self.all:
+            if not backend.healthy:
+                continue
+            for model in sorted(backend.models):
+                if model not in cards:
+                    cards[model] = backend.model_cards.get(model) or {
+                        "id": model, "object": "model", "created": 0, "owned_by": "sluice",
+                    }
+        return list(cards.values())
