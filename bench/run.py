@@ -8,6 +8,7 @@ study. Progress goes to stderr, Markdown tables to stdout, and the tables into `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +40,7 @@ class Options:
     stream_rounds: int
     write: bool
     doc: Path
+    logs: Path | None
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -64,6 +66,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--no-write", action="store_true", help=f"do not update {DEFAULT_DOC.relative_to(REPO_ROOT)}"
     )
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help=argparse.SUPPRESS)
+    parser.add_argument("--logs", type=Path, help="keep configs and server logs in this directory")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.stacks_duration < 1 or args.rounds < 1 or args.stream_rounds < 1:
         parser.error("durations must be >= 1 s and rounds >= 1")
@@ -76,6 +79,7 @@ def parse_args(argv: list[str] | None) -> Options:
         stream_rounds=1 if quick else args.stream_rounds,
         write=not args.no_write,
         doc=args.doc,
+        logs=args.logs.resolve() if args.logs else None,
     )
 
 
@@ -117,10 +121,13 @@ def run(options: Options) -> int:
     progress.note(f"{host.describe()}; {cpus.describe()}")
     key = "sk-bench-" + secrets.token_hex(16)
     results: dict[str, LoadReport | StreamReport] = {}
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        workdir = options.logs or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-"))
+        )
         for part in options.parts:
-            with Lab(tools, cpus, Path(tmp) / part, key) as lab:
-                (Path(tmp) / part).mkdir(parents=True, exist_ok=True)
+            (workdir / part).mkdir(parents=True, exist_ok=True)
+            with Lab(tools, cpus, workdir / part, key) as lab:
                 if part == "core":
                     results[part] = scenarios.run_core(
                         lab, progress, duration_s=options.duration_s, rounds=options.rounds

@@ -44,8 +44,8 @@ class RequestContext:
         "route",
         "started",
         "stream",
-        "ttft",
         "tpot",
+        "ttft",
         "usage",
         "writer",
     )

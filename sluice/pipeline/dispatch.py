@@ -125,7 +125,8 @@ class Dispatcher:
         try:
             try:
                 conn, exchange = await self._send(backend, data, timeout)
-                if not (exchange.status == 200 and exchange.content_type.startswith(EVENT_STREAM)):
+                streamed = exchange.status == 200 and exchange.content_type.startswith(EVENT_STREAM)
+                if not streamed:
                     await exchange.done  # a whole JSON answer (or error) is collected, then sent at once
             except ConnectFailure as exc:
                 self._monitor.report_failure(backend, str(exc))
@@ -140,10 +141,10 @@ class Dispatcher:
                 return UpstreamError(
                     f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}"
                 )
-            if exchange.done.done():
-                self._answer(ctx, exchange)
-            else:
+            if streamed:
                 await self._relay(ctx, exchange)
+            else:
+                self._answer(ctx, exchange)
             return None
         finally:
             if exchange is not None and conn is not None and not exchange.done.done():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from sluice.context import Handler, RequestContext
 from sluice.errors import GatewayError, internal_error_body
@@ -26,6 +27,8 @@ class ErrorsStage:
     def __init__(self, metrics: GatewayMetrics, backends: Backends) -> None:
         self._metrics = metrics
         self._backends = backends
+        # Labelled children looked up once per label set: `labels()` is too slow for every request.
+        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
         self._metrics.in_flight.inc()
@@ -50,8 +53,14 @@ class ErrorsStage:
         elapsed = time.perf_counter() - ctx.started
         route = ctx.route.name if ctx.route is not None else "unmatched"
         model = ctx.model if ctx.model and self._backends.knows(ctx.model) else ("" if not ctx.model else "unknown")
-        metrics.requests.labels(route, model, ctx.backend, str(status)).inc()
-        metrics.duration.labels(route).observe(elapsed)
+        key = (route, model, ctx.backend, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (metrics.requests.labels(route, model, ctx.backend, str(status)), metrics.duration.labels(route))
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         if ctx.ttft is not None:
             metrics.ttft.labels(model).observe(ctx.ttft)
         if ctx.tpot is not None:
@@ -88,8 +97,9 @@ class ErrorsStage:
 def answer_error(ctx: RequestContext, error: GatewayError | None) -> int:
     """Tell the client about `error` (None: unexpected) in whatever form the response still allows."""
     writer = ctx.writer
+    headers: tuple[tuple[str, str], ...] = ()
     if error is None:
-        status, body, headers = 500, internal_error_body(ctx.request_id), ()
+        status, body = 500, internal_error_body(ctx.request_id)
     else:
         status, body, headers = error.status, error.body(), error.headers
     if not writer.started:

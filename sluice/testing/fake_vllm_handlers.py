@@ -38,7 +38,7 @@ from sluice.testing.fake_vllm_wire import (
 )
 
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
-FLUSH_WAIT_S = 0.5  # at most this long for already written chunks to leave before an injected drop
+FLUSH_POLLS = 500  # 1 ms apart: wait at most ~0.5 s for written chunks to leave before a drop
 
 
 def error_response(err: WireError) -> web.Response:
@@ -56,10 +56,10 @@ async def cut_connection(request: web.BaseRequest, flush: bool) -> None:
     transport = request.transport
     if transport is None:
         return
-    if flush:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FLUSH_WAIT_S
-        while transport.get_write_buffer_size() and loop.time() < deadline:
+    if flush:  # let the chunks already written reach the client first
+        for _ in range(FLUSH_POLLS):
+            if not transport.get_write_buffer_size():
+                break
             await asyncio.sleep(0.001)
     transport.abort()
 
@@ -79,7 +79,7 @@ class InferenceHandlers:
         stats = self._engine.stats
         settings = self._engine.settings
         stats.requests_total += 1
-        stats.last_request_headers = dict(request.headers)
+        stats.last_request_headers = {str(k): v for k, v in request.headers.items()}  # keys are istr
         stats.last_request_body = None
         body = parse_json(await request.read())
         stats.last_request_body = body
@@ -150,7 +150,7 @@ class InferenceHandlers:
                 if index == 0 and gen.kind == "chat":
                     await response.write(encoder.role())
                 await response.write(encoder.token(text))
-            if late is not None and cut_at <= count:
+            if late is not None:  # cut after `after` tokens, or before the final chunk if fewer
                 outcome = Outcome.FAILED
                 if late.kind == "drop":
                     await cut_connection(request, flush=True)

@@ -24,10 +24,12 @@ import orjson
 Kind = Literal["chat", "completion"]
 
 WORDS = (
-    "the quick brown fox jumps over lazy dog while seven silver rivers carry bright stones toward "
-    "an ancient quiet harbor where patient sailors mend their nets and sing about distant green "
-    "islands under evening stars so every lantern glows warm against cold northern wind tonight"
-).split()
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "while", "seven", "silver",
+    "rivers", "carry", "bright", "stones", "toward", "an", "ancient", "quiet", "harbor", "where",
+    "patient", "sailors", "mend", "their", "nets", "and", "sing", "about", "distant", "green",
+    "islands", "under", "evening", "stars", "so", "every", "lantern", "glows", "warm", "against",
+    "cold", "northern", "wind", "tonight",
+)
 DONE = b"data: [DONE]\n\n"
 
 

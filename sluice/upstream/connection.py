@@ -32,6 +32,8 @@ class UpstreamTimeoutFailure(UpstreamFailure):
 
 class Exchange:
     __slots__ = (
+        "_timeout",
+        "_timer",
         "body",
         "conn",
         "content_type",
@@ -42,8 +44,6 @@ class Exchange:
         "received_any",
         "sink",
         "status",
-        "_timeout",
-        "_timer",
     )
 
     def __init__(self, conn: UpstreamConnection, timeout: float) -> None:

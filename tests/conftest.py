@@ -1,0 +1,79 @@
+"""Shared fixtures: uvloop for every async test (as in production), fake vLLM servers, in-process gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from sluice.app import Gateway
+from sluice.config import SluiceConfig
+from sluice.testing.fake_vllm import FakeVLLM, FakeVLLMSettings, start_fake_vllm
+
+API_KEY = "sk-test-0123456789"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on uvloop, the loop the gateway uses in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+StartFake = Callable[..., Awaitable[FakeVLLM]]
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[StartFake]:
+    """Start fake vLLM servers: `await fake("model", loras=[...], itl_ms=...)`; all closed afterwards."""
+    started: list[FakeVLLM] = []
+
+    async def start(model: str = "base", **kwargs: Any) -> FakeVLLM:
+        server = await start_fake_vllm(FakeVLLMSettings(model=model, **kwargs))
+        started.append(server)
+        return server
+
+    yield start
+    await asyncio.gather(*(s.close() for s in started), return_exceptions=True)
+
+
+def gateway_config(backends: list[dict[str, Any]], **sections: Any) -> SluiceConfig:
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "backends": backends,
+        "auth": {"api_keys": [{"name": "test", "key": API_KEY}]},
+        "health": {"interval": 0.2, "timeout": 1.0, "discovery_interval": 1.0},
+        "logging": {"level": "warning"},
+    }
+    data.update(sections)
+    return SluiceConfig.model_validate(data)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[StartGateway]:
+    """Start in-process gateways over the given fakes: `await gateway([fake_a, fake_b], timeouts={...})`."""
+    started: list[Gateway] = []
+
+    async def start(servers: list[FakeVLLM | str], **sections: Any) -> Gateway:
+        backends = []
+        for i, server in enumerate(servers):
+            url = server if isinstance(server, str) else server.url
+            backends.append({"name": f"b{i}", "url": url})
+        gw = Gateway(gateway_config(backends, **sections))
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.close()
