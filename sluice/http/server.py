@@ -131,12 +131,9 @@ class HttpServerProtocol(asyncio.Protocol):
             self.writer.flow.resume_reading()
 
     def eof_received(self) -> bool | None:
-        if self._lingering:
-            return False
-        # A half-closed client still gets the answers to what it already sent.
-        self._stopped = True
-        self._wake()
-        return True
+        # A client that stops sending has gone, as nginx and uvicorn treat it: closing the transport
+        # cancels the request in hand, which aborts its upstream request and frees vLLM's KV cache.
+        return False
 
     # httptools callbacks
 

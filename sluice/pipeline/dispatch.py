@@ -147,7 +147,7 @@ class Dispatcher:
                 self._answer(ctx, exchange)
             return None
         finally:
-            if exchange is not None and conn is not None and not exchange.done.done():
+            if exchange is not None and conn is not None and not exchange.ended:
                 conn.abort()
 
     async def _send(self, backend: Backend, data: list[bytes], timeout: float) -> tuple[UpstreamConnection, Exchange]:

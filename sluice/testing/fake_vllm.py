@@ -126,15 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", required=True, help="base model name served")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME[=PATH]",
-                   help="LoRA adapter served next to the base model (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[=PATH]",
+        help="LoRA adapter served next to the base model (repeatable)",
+    )
     p.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token once scheduled")
     p.add_argument("--itl-ms", type=float, default=0.0, help="delay between tokens")
     p.add_argument("--tokens", type=int, default=16, help="tokens generated when max_tokens is absent")
     p.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests answered 500")
-    p.add_argument("--fail", type=_fail_arg, default=None,
-                   help="inject a failure into every request: 500 (any 4xx/5xx), hang, close, drop:N, "
-                        "sse-error:N")  # fmt: skip
+    p.add_argument(
+        "--fail",
+        type=_fail_arg,
+        default=None,
+        help="inject a failure into every request: 500 (any 4xx/5xx), hang, close, drop:N, sse-error:N",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once")
     p.add_argument("--kv-capacity-tokens", type=int, default=65536, help="KV cache size, in tokens")
     p.add_argument("--embedding-dim", type=int, default=32)
@@ -146,12 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from(args: argparse.Namespace) -> FakeVLLMSettings:
     return FakeVLLMSettings(
-        model=args.model, loras=list(args.lora), host=args.host, port=args.port, ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms, tokens=args.tokens, error_rate=args.error_rate, fail=args.fail,
-        max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_capacity_tokens,
-        embedding_dim=args.embedding_dim, max_loras=args.max_loras, max_model_len=args.max_model_len,
+        model=args.model,
+        loras=list(args.lora),
+        host=args.host,
+        port=args.port,
+        ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms,
+        tokens=args.tokens,
+        error_rate=args.error_rate,
+        fail=args.fail,
+        max_num_seqs=args.max_num_seqs,
+        kv_capacity_tokens=args.kv_capacity_tokens,
+        embedding_dim=args.embedding_dim,
+        max_loras=args.max_loras,
+        max_model_len=args.max_model_len,
         seed=args.seed,
-    )  # fmt: skip
+    )
 
 
 async def _serve(settings: FakeVLLMSettings) -> int:

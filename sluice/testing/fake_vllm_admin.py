@@ -27,12 +27,22 @@ def json_response(value: object, status: int = 200) -> web.Response:
 
 
 def _permission(created: int) -> list[dict[str, Any]]:
-    return [{
-        "id": random_id("modelperm-"), "object": "model_permission", "created": created,
-        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-        "organization": "*", "group": None, "is_blocking": False,
-    }]  # fmt: skip
+    return [
+        {
+            "id": random_id("modelperm-"),
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+    ]
 
 
 class AdminHandlers:
@@ -42,16 +52,31 @@ class AdminHandlers:
     async def models(self, request: web.Request) -> web.Response:
         settings = self._engine.settings
         created = int(time.time())
-        cards: list[dict[str, Any]] = [{
-            "id": settings.model, "object": "model", "created": created, "owned_by": "vllm",
-            "root": settings.model, "parent": None, "max_model_len": settings.max_model_len,
-            "permission": _permission(created),
-        }]  # fmt: skip
+        cards: list[dict[str, Any]] = [
+            {
+                "id": settings.model,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": settings.model,
+                "parent": None,
+                "max_model_len": settings.max_model_len,
+                "permission": _permission(created),
+            }
+        ]
         for name, path in self._engine.loras.adapters.items():
-            cards.append({
-                "id": name, "object": "model", "created": created, "owned_by": "vllm", "root": path,
-                "parent": settings.model, "max_model_len": None, "permission": _permission(created),
-            })  # fmt: skip
+            cards.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "vllm",
+                    "root": path,
+                    "parent": settings.model,
+                    "max_model_len": None,
+                    "permission": _permission(created),
+                }
+            )
         return json_response({"object": "list", "data": cards})
 
     async def _lora_body(self, request: web.Request) -> dict[str, Any]:
@@ -66,9 +91,7 @@ class AdminHandlers:
         except WireError as err:
             return error_response(err)
         name, path = body.get("lora_name"), body.get("lora_path")
-        problem = self._engine.loras.load(
-            name if isinstance(name, str) else "", path if isinstance(path, str) else ""
-        )
+        problem = self._engine.loras.load(name if isinstance(name, str) else "", path if isinstance(path, str) else "")
         if problem is not None:
             return error_response(WireError(400, problem, "InvalidUserInput"))
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")

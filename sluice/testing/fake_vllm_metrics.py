@@ -22,12 +22,74 @@ FINISH_REASONS = ("stop", "length", "abort")
 LABELS = ("model_name", "engine")
 ENGINE = "0"
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                         7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-               240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TOKEN_LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class _LiveGauges(Collector):
@@ -48,8 +110,7 @@ class _LiveGauges(Collector):
             "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels=LABELS
         )
         waiting.add_metric(labels, len(self._scheduler.waiting))
-        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                               labels=LABELS)  # fmt: skip
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=LABELS)
         kv.add_metric(labels, self._scheduler.kv_usage())
         lora = GaugeMetricFamily(
             "vllm:lora_requests_info",
@@ -59,9 +120,7 @@ class _LiveGauges(Collector):
         base = self._settings.model
         running_loras = sorted({s.model for s in self._scheduler.running if s.model != base})
         waiting_loras = sorted({s.model for s in self._scheduler.waiting if s.model != base})
-        lora.add_metric(
-            [str(self._settings.max_loras), ",".join(waiting_loras), ",".join(running_loras)], time.time()
-        )
+        lora.add_metric([str(self._settings.max_loras), ",".join(waiting_loras), ",".join(running_loras)], time.time())
         return [running, waiting, kv, lora]
 
 
@@ -79,34 +138,52 @@ class FakeMetrics:
             "vllm:generation_tokens", "Number of generation tokens processed.", LABELS, registry=reg
         ).labels(*values)
         success = Counter(
-            "vllm:request_success", "Count of successfully processed requests.",
-            [*LABELS, "finished_reason"], registry=reg,
-        )  # fmt: skip
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*LABELS, "finished_reason"],
+            registry=reg,
+        )
         self.request_success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
         self.prefix_queries = Counter(
-            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-            LABELS, registry=reg,
-        ).labels(*values)  # fmt: skip
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            LABELS,
+            registry=reg,
+        ).labels(*values)
         self.prefix_hits = Counter(
-            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-            LABELS, registry=reg,
-        ).labels(*values)  # fmt: skip
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            LABELS,
+            registry=reg,
+        ).labels(*values)
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-            LABELS, registry=reg, buckets=TTFT_BUCKETS,
-        ).labels(*values)  # fmt: skip
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            LABELS,
+            registry=reg,
+            buckets=TTFT_BUCKETS,
+        ).labels(*values)
         self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
-            LABELS, registry=reg, buckets=TOKEN_LATENCY_BUCKETS,
-        ).labels(*values)  # fmt: skip
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            LABELS,
+            registry=reg,
+            buckets=TOKEN_LATENCY_BUCKETS,
+        ).labels(*values)
         self.itl = Histogram(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-            LABELS, registry=reg, buckets=TOKEN_LATENCY_BUCKETS,
-        ).labels(*values)  # fmt: skip
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            LABELS,
+            registry=reg,
+            buckets=TOKEN_LATENCY_BUCKETS,
+        ).labels(*values)
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-            LABELS, registry=reg, buckets=E2E_BUCKETS,
-        ).labels(*values)  # fmt: skip
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            LABELS,
+            registry=reg,
+            buckets=E2E_BUCKETS,
+        ).labels(*values)
         reg.register(_LiveGauges(settings, scheduler, loras))
 
     def render(self) -> bytes:

@@ -23,6 +23,7 @@ import orjson
 
 Kind = Literal["chat", "completion"]
 
+# fmt: off
 WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "while", "seven", "silver",
     "rivers", "carry", "bright", "stones", "toward", "an", "ancient", "quiet", "harbor", "where",
@@ -30,6 +31,7 @@ WORDS = (
     "islands", "under", "evening", "stars", "so", "every", "lantern", "glows", "warm", "against",
     "cold", "northern", "wind", "tonight",
 )
+# fmt: on
 DONE = b"data: [DONE]\n\n"
 
 
@@ -217,18 +219,29 @@ def completion_body(gen: GenRequest, text: str, finish: str, completion_tokens: 
     if gen.kind == "chat":
         rid, obj = random_id("chatcmpl-"), "chat.completion"
         common["message"] = {
-            "role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
-            "function_call": None, "tool_calls": [], "reasoning_content": None,
-        }  # fmt: skip
+            "role": "assistant",
+            "content": text,
+            "refusal": None,
+            "annotations": None,
+            "audio": None,
+            "function_call": None,
+            "tool_calls": [],
+            "reasoning_content": None,
+        }
         common.update(logprobs=None, finish_reason=finish, stop_reason=None)
     else:
         rid, obj = random_id("cmpl-"), "text_completion"
         common.update(text=text, logprobs=None, finish_reason=finish, stop_reason=None, prompt_logprobs=None)
     body: dict[str, Any] = {
-        "id": rid, "object": obj, "created": int(time.time()), "model": gen.model, "choices": [common],
-        "service_tier": None, "system_fingerprint": None,
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": gen.model,
+        "choices": [common],
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": usage(gen.prompt_tokens, completion_tokens),
-    }  # fmt: skip
+    }
     if gen.kind == "chat":
         body["prompt_logprobs"] = None
     body["kv_transfer_params"] = None
@@ -243,9 +256,16 @@ class StreamEncoder:
         rid = random_id("chatcmpl-" if self._chat else "cmpl-")
         obj = "chat.completion.chunk" if self._chat else "text_completion"
         self._prefix = (
-            b'data: {"id":"' + rid.encode() + b'","object":"' + obj.encode() + b'","created":'
-            + str(int(time.time())).encode() + b',"model":' + orjson.dumps(gen.model) + b',"choices":'
-        )  # fmt: skip
+            b'data: {"id":"'
+            + rid.encode()
+            + b'","object":"'
+            + obj.encode()
+            + b'","created":'
+            + str(int(time.time())).encode()
+            + b',"model":'
+            + orjson.dumps(gen.model)
+            + b',"choices":'
+        )
 
     def role(self) -> bytes:
         return self._prefix + (
@@ -254,18 +274,34 @@ class StreamEncoder:
 
     def token(self, text: str) -> bytes:
         if self._chat:
-            return (self._prefix + b'[{"index":0,"delta":{"content":' + orjson.dumps(text)
-                    + b'},"logprobs":null,"finish_reason":null}]}\n\n')  # fmt: skip
-        return (self._prefix + b'[{"index":0,"text":' + orjson.dumps(text)
-                + b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n')  # fmt: skip
+            return (
+                self._prefix
+                + b'[{"index":0,"delta":{"content":'
+                + orjson.dumps(text)
+                + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            )
+        return (
+            self._prefix
+            + b'[{"index":0,"text":'
+            + orjson.dumps(text)
+            + b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+        )
 
     def finish(self, reason: str) -> bytes:
         reason_json = orjson.dumps(reason)
         if self._chat:
-            return (self._prefix + b'[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":'
-                    + reason_json + b',"stop_reason":null}]}\n\n')  # fmt: skip
-        return (self._prefix + b'[{"index":0,"text":"","logprobs":null,"finish_reason":' + reason_json
-                + b',"stop_reason":null}]}\n\n')  # fmt: skip
+            return (
+                self._prefix
+                + b'[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":'
+                + reason_json
+                + b',"stop_reason":null}]}\n\n'
+            )
+        return (
+            self._prefix
+            + b'[{"index":0,"text":"","logprobs":null,"finish_reason":'
+            + reason_json
+            + b',"stop_reason":null}]}\n\n'
+        )
 
     def usage(self, prompt: int, completion: int) -> bytes:
         return self._prefix + b'[],"usage":' + orjson.dumps(usage(prompt, completion)) + b"}\n\n"
@@ -328,11 +364,15 @@ def embedding_body(req: EmbedRequest, default_dim: int) -> bytes:
     data: list[dict[str, Any]] = []
     for index, text in enumerate(req.inputs):
         vector = embedding_vector(text, dim)
-        encoded: Any = (
-            base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode() if req.base64 else vector
-        )
+        encoded: Any = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode() if req.base64 else vector
         data.append({"index": index, "object": "embedding", "embedding": encoded})
-    return orjson.dumps({
-        "id": random_id("embd-"), "object": "list", "created": int(time.time()), "model": req.model,
-        "data": data, "usage": usage(req.prompt_tokens, 0),
-    })  # fmt: skip
+    return orjson.dumps(
+        {
+            "id": random_id("embd-"),
+            "object": "list",
+            "created": int(time.time()),
+            "model": req.model,
+            "data": data,
+            "usage": usage(req.prompt_tokens, 0),
+        }
+    )

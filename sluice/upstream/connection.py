@@ -38,6 +38,7 @@ class Exchange:
         "conn",
         "content_type",
         "done",
+        "ended",
         "error",
         "headers_ready",
         "last_activity",
@@ -56,18 +57,18 @@ class Exchange:
         self.headers_ready: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self.error: UpstreamFailure | None = None
+        self.ended = False  # finished or failed; unlike `done.done()`, not set by a cancelled waiter
         self.received_any = False
         self.last_activity = loop.time()
         self._timeout = timeout
         self._timer: asyncio.TimerHandle | None = loop.call_at(self.last_activity + timeout, self._check_timeout)
 
-    @property
-    def complete(self) -> bool:
-        return self.done.done() and self.error is None
-
     def set_timeout(self, timeout: float) -> None:
-        """Change the allowed silence between two reads (streams get a longer one once they start)."""
+        """Change the allowed silence between two reads (streams get their own once they start)."""
         self._timeout = timeout
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self.conn.loop.call_at(self.last_activity + timeout, self._check_timeout)
 
     def _check_timeout(self) -> None:
         loop = self.conn.loop
@@ -84,17 +85,20 @@ class Exchange:
         self.conn.abort()
 
     def fail(self, error: UpstreamFailure) -> None:
-        if self.done.done():
+        if self.ended:
             return
+        self.ended = True
         self.error = error
         self._stop_timer()
-        if not self.headers_ready.done():
-            self.headers_ready.set_exception(error)
-            self.headers_ready.exception()  # retrieved here so an unawaited failure is not logged
-        self.done.set_exception(error)
-        self.done.exception()
+        for future in (self.headers_ready, self.done):
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved here so an unawaited failure is not logged
 
     def finish(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
         self._stop_timer()
         if not self.done.done():
             self.done.set_result(None)

@@ -1,0 +1,164 @@
+"""Failures before the first byte are retried elsewhere; failures after it end the stream in-band."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from sluice.sse import EventSplitter
+from sluice.testing.fake_vllm import FakeVLLMSettings, start_fake_vllm
+from tests.conftest import API_KEY, StartFake, StartGateway, free_port
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+SLOW_HEALTH = {"interval": 60, "timeout": 1, "discovery_interval": 60}
+
+
+async def post(
+    gw_url: str, body: dict[str, object], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with aiohttp.ClientSession() as session, session.post(
+        gw_url + "/v1/chat/completions", json=body, headers={**HEADERS, **(headers or {})}
+    ) as response:
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def test_backend_killed_before_request_is_retried_elsewhere(fake: StartFake, gateway: StartGateway) -> None:
+    a, b = await fake("base"), await fake("base")
+    gw = await gateway([a, b], health=SLOW_HEALTH)  # the gateway will not notice through health checks
+    await a.close()
+    results = [await post(gw.url, CHAT) for _ in range(6)]
+    assert [status for status, _, _ in results] == [200] * 6
+    assert b.stats.completed == 6
+    dead = gw.backends.by_name["b0"]
+    assert not dead.healthy and "connect" in dead.last_error
+    assert b"sluice_upstream_retries_total" in gw.metrics.render()
+
+
+async def test_5xx_is_retried_on_another_backend(fake: StartFake, gateway: StartGateway) -> None:
+    a, b = await fake("base", fail="500"), await fake("base")
+    gw = await gateway([a, b])
+    results = [await post(gw.url, CHAT) for _ in range(8)]
+    assert all(status == 200 for status, _, _ in results)
+    assert a.stats.requests_total > 0  # the failing backend was tried and its failures hidden
+    assert b.stats.completed == 8
+
+
+async def test_all_backends_failing_gives_502_with_the_backend_message(fake: StartFake, gateway: StartGateway) -> None:
+    a, b = await fake("base", fail="500"), await fake("base", fail="503")
+    gw = await gateway([a, b])
+    status, headers, body = await post(gw.url, CHAT)
+    assert status == 502
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "upstream_error" and "answered 50" in error["message"]
+    assert a.stats.requests_total == 1 and b.stats.requests_total == 1  # one retry, no more
+    assert "X-Request-Id" in headers
+
+
+async def test_no_healthy_backend_is_503_with_retry_after(gateway: StartGateway) -> None:
+    gw = await gateway([f"http://127.0.0.1:{free_port()}"], health=SLOW_HEALTH)
+    gw.backends.by_name["b0"].models = frozenset({"base"})  # known from an earlier discovery, now down
+    gw.backends.rebuild()
+    status, headers, body = await post(gw.url, CHAT)
+    assert status == 503
+    assert headers["Retry-After"] == "5"
+    assert orjson.loads(body)["error"]["code"] == "no_healthy_backend"
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/ready") as response:
+        assert response.status == 503
+
+
+async def test_hanging_backend_times_out_then_fails_over(fake: StartFake, gateway: StartGateway) -> None:
+    a, b = await fake("base", fail="hang"), await fake("base")
+    gw = await gateway([a, b], timeouts={"read": 0.3})
+    statuses = [(await post(gw.url, CHAT))[0] for _ in range(4)]
+    assert statuses == [200] * 4
+    gw_single = await gateway([a], timeouts={"read": 0.3})
+    started = time.monotonic()
+    status, _, body = await post(gw_single.url, CHAT)
+    assert status == 504 and orjson.loads(body)["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 2
+
+
+async def test_backend_dying_mid_stream_ends_with_an_sse_error_event(fake: StartFake, gateway: StartGateway) -> None:
+    a = await fake("base", tokens=50, itl_ms=5)
+    gw = await gateway([a])
+    async with aiohttp.ClientSession() as session, session.post(
+        gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers={**HEADERS, "X-Fake-Fail": "drop:3"}
+    ) as response:
+        assert response.status == 200
+        raw = await asyncio.wait_for(response.read(), timeout=5)
+    events = EventSplitter().feed(raw)
+    assert b"stream_interrupted" in events[-1]
+    assert all(b"[DONE]" not in e for e in events)
+    assert a.stats.requests_total == 1  # never retried after bytes reached the client
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_headers={"X-Fake-Fail": "drop:2"},
+    )
+    with pytest.raises(openai.APIError, match="interrupted"):
+        async for _ in stream:
+            pass
+    await client.close()
+
+
+async def test_stalled_stream_hits_the_stream_read_timeout(fake: StartFake, gateway: StartGateway) -> None:
+    a = await fake("base", tokens=5, itl_ms=3000)
+    gw = await gateway([a], timeouts={"stream_read": 0.4})
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session, session.post(
+        gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=HEADERS
+    ) as response:
+        raw = await asyncio.wait_for(response.read(), timeout=5)
+    assert b"stream_interrupted" in raw and time.monotonic() - started < 2.5
+    await asyncio.sleep(0.1)
+    assert a.stats.running == 0  # the gateway hung up on the stalled backend
+
+
+async def test_health_checks_take_backends_out_and_back(fake: StartFake, gateway: StartGateway) -> None:
+    port = free_port()
+    a = await start_fake_vllm(FakeVLLMSettings(model="base", port=port))
+    gw = await gateway([a])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/ready") as response:
+            assert response.status == 200
+        await a.close()
+        await asyncio.sleep(0.6)
+        async with session.get(gw.url + "/ready") as response:
+            assert response.status == 503
+        status, _, _ = await post(gw.url, CHAT)
+        assert status == 503
+        a = await start_fake_vllm(FakeVLLMSettings(model="base", port=port))
+        try:
+            await asyncio.sleep(0.6)
+            async with session.get(gw.url + "/ready") as response:
+                assert response.status == 200
+            assert (await post(gw.url, CHAT))[0] == 200
+        finally:
+            await a.close()
+
+
+async def test_adapter_loaded_at_runtime_is_discovered_on_first_use(fake: StartFake, gateway: StartGateway) -> None:
+    a = await fake("base")
+    gw = await gateway([a], health=SLOW_HEALTH)
+    async with aiohttp.ClientSession() as session, session.post(
+        a.url + "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "/adapters/fresh"}
+    ) as response:
+        assert response.status == 200
+    await asyncio.sleep(2.1)  # past the rediscovery rate limit of the start-up discovery
+    status, _, body = await post(gw.url, {**CHAT, "model": "fresh"})
+    assert status == 200, body
+    assert orjson.loads(body)["model"] == "fresh"
+
+
+async def test_least_outstanding_spreads_concurrent_load(fake: StartFake, gateway: StartGateway) -> None:
+    a, b = await fake("base", ttft_ms=100), await fake("base", ttft_ms=100)
+    gw = await gateway([a, b])
+    await asyncio.gather(*(post(gw.url, CHAT) for _ in range(20)))
+    assert a.stats.completed == 10 and b.stats.completed == 10
