@@ -34,9 +34,7 @@ def serve_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "sluice.cli", "serve", "--config", str(config)]
 
 
-def start_gateway(
-    workdir: Path, port: int, upstream_port: int, *, key: str, taskset: str, cpu: int
-) -> Service:
+def start_gateway(workdir: Path, port: int, upstream_port: int, *, key: str, taskset: str, cpu: int) -> Service:
     """Start the gateway pinned to ``cpu`` and wait until ``GET /ready`` answers 200."""
     if importlib.util.find_spec("sluice.cli") is None:
         raise BenchError("sluice.cli does not exist yet")

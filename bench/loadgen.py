@@ -36,9 +36,7 @@ class WrkResult:
 
 def parse_wrk(output: str) -> WrkResult:
     """Parse wrk's text report (run with ``--latency``)."""
-    percentiles = {
-        m.group(1): float(m.group(2)) * _UNITS_MS[m.group(3)] for m in _PERCENTILE.finditer(output)
-    }
+    percentiles = {m.group(1): float(m.group(2)) * _UNITS_MS[m.group(3)] for m in _PERCENTILE.finditer(output)}
     rps = _RPS.search(output)
     total = _TOTAL.search(output)
     if rps is None or total is None or set(percentiles) != {"50", "99"}:
@@ -73,9 +71,7 @@ def run_wrk(
         url,
     ]
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, env=env, timeout=duration_s + 30, check=False
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration_s + 30, check=False)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"wrk did not finish within {duration_s + 30:.0f} s against {url}") from exc
     if done.returncode != 0:

@@ -27,8 +27,7 @@ def _frame(name: str, prefix: Path, http_body: str) -> str:
     temp = prefix / f"{name}-temp"
     temp.mkdir(parents=True, exist_ok=True)
     temps = "\n".join(
-        f"    {kind}_temp_path {temp / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        f"    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     return f"""daemon off;
 master_process on;
@@ -119,9 +118,7 @@ def start_canned_upstream(prefix: Path, port: int, *, nginx: str, taskset: str, 
     )
 
 
-def start_reverse_proxy(
-    prefix: Path, port: int, upstream_port: int, *, nginx: str, taskset: str, cpu: int
-) -> Service:
+def start_reverse_proxy(prefix: Path, port: int, upstream_port: int, *, nginx: str, taskset: str, cpu: int) -> Service:
     """Run nginx as a reverse proxy on ``port`` in front of ``upstream_port``."""
     return _run(
         "proxy",

@@ -141,17 +141,13 @@ def wait_http(service: Service, url: str, *, timeout: float = 20.0) -> None:
     last = ""
     while time.monotonic() < deadline:
         if not service.alive():
-            raise BenchError(
-                f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}"
-            )
+            raise BenchError(f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}")
         status, body = http_status(url, timeout=1.0)
         if status == 200:
             return
         last = f"last answer {status}: {body[:200].decode(errors='replace')}"
         time.sleep(0.1)
-    raise BenchError(
-        f"{service.name} not ready at {url} after {timeout:.0f} s ({last}):\n{service.log_tail()}"
-    )
+    raise BenchError(f"{service.name} not ready at {url} after {timeout:.0f} s ({last}):\n{service.log_tail()}")
 
 
 def wait_tcp(service: Service, port: int, *, timeout: float = 20.0) -> None:
@@ -159,14 +155,10 @@ def wait_tcp(service: Service, port: int, *, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not service.alive():
-            raise BenchError(
-                f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}"
-            )
+            raise BenchError(f"{service.name} exited (code {service.process.returncode}):\n{service.log_tail()}")
         try:
             with socket.create_connection((LOCALHOST, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise BenchError(
-        f"{service.name} not listening on port {port} after {timeout:.0f} s:\n{service.log_tail()}"
-    )
+    raise BenchError(f"{service.name} not listening on port {port} after {timeout:.0f} s:\n{service.log_tail()}")

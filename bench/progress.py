@@ -28,8 +28,7 @@ class Progress:
         left = max(0.0, self.planned_s - self.done_planned_s)
         self.done_planned_s += planned_s
         self._write(
-            f"[{self.done_steps:>2}/{self.total_steps} {_clock(elapsed)} elapsed, ~{_clock(left)} left] "
-            f"{label}"
+            f"[{self.done_steps:>2}/{self.total_steps} {_clock(elapsed)} elapsed, ~{_clock(left)} left] {label}"
         )
 
     def skip(self, steps: int, planned_s: float) -> None:

@@ -57,14 +57,10 @@ def parse_args(argv: list[str] | None) -> Options:
         default=1,
         help="repeat every wrk run N times, interleaved, and report the median (default 1)",
     )
-    parser.add_argument(
-        "--stream-rounds", type=int, default=3, help="measured rounds of 100 streams (default 3)"
-    )
+    parser.add_argument("--stream-rounds", type=int, default=3, help="measured rounds of 100 streams (default 3)")
     parser.add_argument("--quick", action="store_true", help="short runs for smoke testing (2 s, 1 round)")
     parser.add_argument("--only", choices=PARTS, help="run one part only")
-    parser.add_argument(
-        "--no-write", action="store_true", help=f"do not update {DEFAULT_DOC.relative_to(REPO_ROOT)}"
-    )
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {DEFAULT_DOC.relative_to(REPO_ROOT)}")
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help=argparse.SUPPRESS)
     parser.add_argument("--logs", type=Path, help="keep configs and server logs in this directory")
     args = parser.parse_args(argv)
@@ -122,9 +118,7 @@ def run(options: Options) -> int:
     key = "sk-bench-" + secrets.token_hex(16)
     results: dict[str, LoadReport | StreamReport] = {}
     with contextlib.ExitStack() as stack:
-        workdir = options.logs or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-"))
-        )
+        workdir = options.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-")))
         for part in options.parts:
             (workdir / part).mkdir(parents=True, exist_ok=True)
             with Lab(tools, cpus, workdir / part, key) as lab:

@@ -46,9 +46,7 @@ class LoadReport:
     skipped: list[Skipped] = field(default_factory=list)
 
     def get(self, target: str, connections: int) -> WrkResult | None:
-        return next(
-            (r.result for r in self.rows if r.target == target and r.connections == connections), None
-        )
+        return next((r.result for r in self.rows if r.target == target and r.connections == connections), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +74,7 @@ class StreamReport:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def load_plan(
-    targets: int, concurrencies: tuple[int, ...], duration_s: float, rounds: int
-) -> tuple[int, float]:
+def load_plan(targets: int, concurrencies: tuple[int, ...], duration_s: float, rounds: int) -> tuple[int, float]:
     """Steps and seconds a wrk scenario is expected to take."""
     runs = targets * len(concurrencies) * rounds
     return runs, runs * (duration_s + WRK_OVERHEAD_S) + targets * WARMUP_S
@@ -135,9 +131,7 @@ def run_load(
     for target in targets:
         report.rss_mib[target.name] = target.rss_mib() if target.name != "direct" else None
         for connections in concurrencies:
-            report.rows.append(
-                LoadRow(target.name, connections, _median_run(runs[(target.name, connections)]))
-            )
+            report.rows.append(LoadRow(target.name, connections, _median_run(runs[(target.name, connections)])))
     return report
 
 
@@ -212,9 +206,7 @@ def _stream_client(lab: Lab, target: Target, rounds: int) -> StreamRow:
     ]
     limit = (rounds + 1) * STREAMS_TIMEOUT_S + 30
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, env=_wrk_env(lab), timeout=limit, check=False
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, env=_wrk_env(lab), timeout=limit, check=False)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"stream client did not finish within {limit:.0f} s against {target.name}") from exc
     if done.returncode != 0:

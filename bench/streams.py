@@ -61,9 +61,7 @@ def _has_content(payload: bytes) -> bool:
     return bool(choices and (choices[0].get("delta") or {}).get("content"))
 
 
-async def one_stream(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
-) -> StreamTrace:
+async def one_stream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> StreamTrace:
     """Send one streaming request and record the arrival time of each content chunk."""
     sent = time.monotonic()
     arrivals: list[float] = []
@@ -103,9 +101,7 @@ def _record(samples: Samples, results: list[StreamTrace | BaseException]) -> Non
         samples.ok += 1
         samples.tokens += len(result.arrivals)
         samples.ttft_ms.append((result.arrivals[0] - result.sent) * 1000)
-        samples.gaps_ms.extend(
-            (b - a) * 1000 for a, b in zip(result.arrivals, result.arrivals[1:], strict=False)
-        )
+        samples.gaps_ms.extend((b - a) * 1000 for a, b in zip(result.arrivals, result.arrivals[1:], strict=False))
 
 
 async def measure(base_url: str, key: str, *, streams: int, rounds: int, model: str) -> Samples:

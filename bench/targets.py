@@ -54,11 +54,12 @@ class StackSpec:
 
 STACKS = (
     StackSpec(
-        "uvicorn-aiohttp", "ASGI on uvicorn (uvloop, httptools) + aiohttp client", ("uvicorn", "aiohttp")
+        "protocol",
+        "minimal asyncio Protocol + httptools, uvloop, own upstream pool (no pipeline)",
+        ("httptools", "uvloop"),
     ),
-    StackSpec(
-        "uvicorn-httpx", "ASGI on uvicorn (uvloop, httptools) + httpx.AsyncClient", ("uvicorn", "httpx")
-    ),
+    StackSpec("uvicorn-aiohttp", "ASGI on uvicorn (uvloop, httptools) + aiohttp client", ("uvicorn", "aiohttp")),
+    StackSpec("uvicorn-httpx", "ASGI on uvicorn (uvloop, httptools) + httpx.AsyncClient", ("uvicorn", "httpx")),
     StackSpec("aiohttp", "aiohttp web server + aiohttp client", ("aiohttp",)),
     StackSpec("granian-aiohttp", "ASGI on granian (uvloop) + aiohttp client", ("granian", "aiohttp")),
 )
@@ -123,9 +124,7 @@ class Lab:
             str(STREAM_TOKENS),
         ]
         service = self._keep(
-            start(
-                f"fake-vllm-{port}", argv, cpu=self.cpus.rest, taskset=self.tools.taskset, logdir=self.workdir
-            )
+            start(f"fake-vllm-{port}", argv, cpu=self.cpus.rest, taskset=self.tools.taskset, logdir=self.workdir)
         )
         wait_http(service, f"http://{LOCALHOST}:{port}/health")
         return Target("direct", f"http://{LOCALHOST}:{port}", service)
@@ -163,9 +162,7 @@ class Lab:
         """One alternative proxy of the stack study, or why it could not run."""
         missing = missing_modules(*spec.modules)
         if missing:
-            return Skipped(
-                spec.name, f"not installed: {', '.join(missing)} (pip install -r bench/requirements.txt)"
-            )
+            return Skipped(spec.name, f"not installed: {', '.join(missing)} (pip install -r bench/requirements.txt)")
         port = free_port()
         argv = [
             sys.executable,
@@ -202,9 +199,7 @@ class Lab:
         status, answer = http_status(target.chat_url, method="POST", body=body, headers=headers, timeout=5.0)
         if status == 200 and b'"choices"' in answer:
             return target
-        return Skipped(
-            target.name, f"preflight POST answered {status}: {answer[:200].decode(errors='replace')}"
-        )
+        return Skipped(target.name, f"preflight POST answered {status}: {answer[:200].decode(errors='replace')}")
 
 
 def _port(target: Target) -> int:

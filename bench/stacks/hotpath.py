@@ -22,9 +22,7 @@ BAD_REQUEST = orjson.dumps(
     }
 )
 NOT_FOUND = orjson.dumps({"error": {"message": "not found", "type": "not_found_error", "code": "not_found"}})
-BAD_GATEWAY = orjson.dumps(
-    {"error": {"message": "upstream failed", "type": "upstream_error", "code": "bad_gateway"}}
-)
+BAD_GATEWAY = orjson.dumps({"error": {"message": "upstream failed", "type": "upstream_error", "code": "bad_gateway"}})
 
 
 @dataclass(frozen=True, slots=True)

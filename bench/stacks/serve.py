@@ -7,7 +7,9 @@ The accepted key comes from ``SLUICE_BENCH_KEY``. Every stack runs one process w
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
 import sys
 
 import uvloop
@@ -15,7 +17,7 @@ import uvloop
 from bench.stacks.asgi_app import ENV_KEY, ENV_UPSTREAM_CLIENT, ENV_UPSTREAM_URL, ProxyApp
 from bench.stacks.upstreams import make_upstream
 
-STACKS = ("uvicorn-aiohttp", "uvicorn-httpx", "aiohttp", "granian-aiohttp")
+STACKS = ("protocol", "uvicorn-aiohttp", "uvicorn-httpx", "aiohttp", "granian-aiohttp")
 HOST = "127.0.0.1"
 
 
@@ -67,6 +69,28 @@ def _serve_granian(port: int, upstream: str) -> None:
     ).serve()
 
 
+def _serve_protocol(port: int, upstream: str, keys: frozenset[bytes]) -> None:
+    from urllib.parse import urlsplit
+
+    from bench.stacks.protocol_server import ProxyProtocol
+    from bench.stacks.protocol_upstream import UpstreamPool
+
+    target = urlsplit(upstream)
+
+    async def serve() -> None:
+        pool = UpstreamPool(target.hostname or HOST, target.port or 80)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: ProxyProtocol(pool, keys), HOST, port, backlog=4096)
+        stop = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+        loop.add_signal_handler(signal.SIGINT, stop.set_result, None)
+        async with server:
+            await stop
+        pool.close()
+
+    uvloop.run(serve())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stacks.serve", description=__doc__)
     parser.add_argument("stack", choices=STACKS)
@@ -78,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ENV_KEY} is not set", file=sys.stderr)
         return 2
     keys = frozenset({key.encode()})
-    if args.stack == "uvicorn-aiohttp":
+    if args.stack == "protocol":
+        _serve_protocol(args.port, args.upstream, keys)
+    elif args.stack == "uvicorn-aiohttp":
         _serve_uvicorn("aiohttp", args.port, args.upstream, keys)
     elif args.stack == "uvicorn-httpx":
         _serve_uvicorn("httpx", args.port, args.upstream, keys)
