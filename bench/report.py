@@ -30,7 +30,7 @@ SECTIONS = {
 }
 LABELS = {
     "direct": "direct (no proxy)",
-    "sluice": "Sluice gateway (asyncio Protocol + httptools, uvloop, own pool)",
+    "sluice": "Sluice gateway (full pipeline)",
     "nginx": "nginx reverse proxy (1 worker)",
     **{spec.name: spec.label for spec in STACKS},
 }

@@ -30,9 +30,9 @@ class EventSplitter:
             if match is None:
                 break
             end = match.end()
-            # A lone \r at the very end may be the first half of \r\n: wait for the next byte.
-            if buffer[end - 1 : end] == b"\r" and end == len(buffer):
-                break
+            # A final \r may yet turn out to be half of a \r\n: the event is complete either way, so it goes
+            # now (holding it would delay every event of a CR-only stream); a \n that follows is only an
+            # empty line at the head of the next event, which SSE clients skip.
             events.append(buffer[start:end])
             start = end
         self._pending = buffer[start:]

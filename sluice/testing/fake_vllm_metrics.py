@@ -9,6 +9,7 @@ Bucket boundaries follow vLLM's.
 
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterable
@@ -16,7 +17,6 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from sluice.testing.fake_vllm_settings import FakeVLLMSettings
 from sluice.testing.fake_vllm_state import LoraRegistry, Scheduler
@@ -63,7 +63,7 @@ class FastHistogram:
         total = 0
         for bound, count in zip([*self._bounds, float("inf")], self._counts, strict=True):
             total += count
-            cumulative.append((floatToGoString(bound), total))
+            cumulative.append(("+Inf" if math.isinf(bound) else repr(bound), total))
         family = HistogramMetricFamily(name, doc, labels=LABELS)
         family.add_metric(label_values, cumulative, sum_value=self._sum)
         return family

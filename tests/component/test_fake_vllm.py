@@ -559,6 +559,18 @@ async def test_runtime_lora_load_and_unload(session: aiohttp.ClientSession) -> N
         await fake.close()
 
 
+async def test_running_lora_shows_in_lora_requests_info(server: FakeVLLM, session: aiohttp.ClientSession) -> None:
+    body = {**CHAT, "model": "a", "stream": True, "max_tokens": 50}
+    async with session.post(server.url + "/v1/chat/completions", json=body, headers={"X-Fake-ITL-Ms": "20"}) as resp:
+        await resp.content.readuntil(b"\n\n")
+        text = await metrics_text(session, server)
+        assert metric(text, "vllm:lora_requests_info", running_lora_adapters="a", max_lora="4") > 0
+        assert metric(text, "vllm:num_requests_running", model_name="m") == 1  # labelled with the base model
+    await eventually(lambda: server.stats.running == 0)
+    text = await metrics_text(session, server)
+    assert metric(text, "vllm:lora_requests_info", running_lora_adapters="") > 0
+
+
 def test_settings_reject_bad_values() -> None:
     with pytest.raises(ValueError, match="max_num_seqs"):
         FakeVLLMSettings(model="m", max_num_seqs=0).validate()

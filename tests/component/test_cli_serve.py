@@ -1,0 +1,104 @@
+"""`sluice serve` and `sluice fake-vllm` as real processes, including several workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+KEY = "sk-cli-test-0123456789"
+
+
+def wait_http(url: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+    for process in started:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    fake_port, port = free_port(), free_port()
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base", "--lora", "sql"]
+    ))
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
+        "auth:\n  api_keys:\n    - {name: ci, key: '${SLUICE_TEST_KEY}'}\n"
+    )
+    wait_http(f"http://127.0.0.1:{fake_port}/health")
+    log = (tmp_path / "gateway.log").open("wb")
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        env={**os.environ, "SLUICE_TEST_KEY": KEY}, stderr=log, start_new_session=True,
+    )
+    processes.append(gateway)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "sql", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+        for _ in range(40):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as fresh:  # new connection
+                response = fresh.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200 and response.json()["model"] == "sql"
+        assert client.get("/v1/models").json()["data"][0]["id"] in {"base", "sql"}
+    log.flush()
+    lines = (tmp_path / "gateway.log").read_text().splitlines()
+    pids = {line.split('"pid":')[1].split(",")[0] for line in lines if '"sluice listening"' in line}
+    assert len(pids) == 2, lines
+    os.killpg(gateway.pid, signal.SIGTERM)
+    assert gateway.wait(10) == 0
+
+
+def test_invalid_config_exits_2_with_a_message(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("backends:\n  - {name: a, url: 'ftp://x'}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "backends[0].url" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = tmp_path / "sluice.yaml"
+    config.write_text(f"server: {{port: {port}}}\nbackends:\n  - {{name: a, url: 'http://127.0.0.1:1'}}\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluice", "serve", "--config", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    server.close()
+    assert process.returncode == 1
+    assert b"cannot listen" in stderr and b"Traceback" not in stderr
