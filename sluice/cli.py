@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, check-config, fake-vllm, version."""
+"""The `sluice` command line: serve, check-config, demo, fake-vllm, version."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", metavar="FILE")
 
+    demo = commands.add_parser("demo", help="run a demo gateway with local backends (what `make demo` runs)")
+    demo.add_argument("--port", type=int, default=8080)
+
     commands.add_parser("fake-vllm", help="run the vLLM-compatible fake server (see `sluice fake-vllm --help`)")
     commands.add_parser("version", help="print the version")
 
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args.config, args.workers)
     if args.command == "check-config":
         return _check(args.file)
+    if args.command == "demo":
+        from sluice.demo import main as demo_main
+
+        return demo_main(args.port)
     if args.command == "version":
         print(f"sluice {__version__}")
         return 0
