@@ -15,7 +15,7 @@ from sluice.config import SluiceConfig
 from sluice.context import RequestContext
 from sluice.http.request import HttpRequest
 from sluice.http.response import ResponseWriter
-from sluice.http.server import HttpServerProtocol, RequestIds, ServerSettings
+from sluice.http.server import Deadlines, HttpServerProtocol, RequestIds, ServerSettings
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.auth import AuthStage
 from sluice.pipeline.chain import build_chain
@@ -79,6 +79,8 @@ class Gateway:
             keepalive_timeout=timeouts.client_keepalive,
         )
         self._ids = RequestIds()
+        shortest = min(timeouts.client_header, timeouts.client_body, timeouts.client_keepalive)
+        self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
         self._server: asyncio.Server | None = None
 
     async def handle(self, request: HttpRequest, writer: ResponseWriter) -> None:
@@ -91,7 +93,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
 
         def protocol() -> HttpServerProtocol:
-            return HttpServerProtocol(self.handle, self._settings, self._ids)
+            return HttpServerProtocol(self.handle, self._settings, self._ids, self._deadlines)
 
         server_config = self.config.server
         if sock is not None:
@@ -118,6 +120,7 @@ class Gateway:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        self._deadlines.close()
         await self.monitor.close()
         for backend in self.backends.all:
             backend.pool.close()

@@ -30,7 +30,7 @@ def main(port: int = 8080, data_dir: Path = Path("data/demo")) -> int:
 async def _run(port: int, data_dir: Path) -> int:
     key = "sk-sluice-demo-" + secrets.token_urlsafe(18)
     print("Starting the Sluice demo…", file=sys.stderr)
-    print("  [1/3] backends: two FAKE vLLM servers (sluice fake-vllm) — canned words, not a real model", file=sys.stderr)
+    print("  [1/3] backends: two FAKE vLLM servers (sluice fake-vllm): canned words, not a model", file=sys.stderr)
     a = await start_fake_vllm(FakeVLLMSettings(model="demo-base", loras=["medical", "code"], itl_ms=30, tokens=24))
     b = await start_fake_vllm(FakeVLLMSettings(model="demo-small", itl_ms=15, tokens=16))
     config = SluiceConfig.model_validate(
@@ -47,12 +47,12 @@ async def _run(port: int, data_dir: Path) -> int:
     try:
         await gateway.start()
     except OSError as exc:
-        print(f"sluice demo: cannot listen on port {port} ({exc.strerror}); try `make demo PORT=8081`", file=sys.stderr)
+        print(f"sluice demo: cannot listen on port {port} ({exc.strerror}); try `make demo PORT=8081`",
+              file=sys.stderr)
         await a.close()
         await b.close()
         return 1
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "api-key").write_text(key + "\n")
+    _save_key(data_dir, key)
     print("  [3/3] ready\n", file=sys.stderr)
     url = gateway.url
     print(f"""Sluice is running at {url}  (backends are fakes: answers are canned words)
@@ -76,3 +76,10 @@ Metrics: {url}/metrics   Health: {url}/ready   Stop: Ctrl-C""", flush=True)
     await a.close()
     await b.close()
     return 0
+
+
+def _save_key(data_dir: Path, key: str) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "api-key"
+    path.write_text(key + "\n")
+    path.chmod(0o600)

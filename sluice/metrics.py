@@ -8,8 +8,9 @@ collected at scrape time rather than updated on the request path.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -17,6 +18,7 @@ from sluice.upstream.backends import Backends
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
+MAX_CACHED_CHILDREN = 10_000
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1)
 
 
@@ -44,7 +46,7 @@ class GatewayMetrics:
             "sluice_tokens", "Tokens reported by the backends, by model and kind (prompt, completion).",
             ["model", "kind"], registry=r,
         )
-        self.in_flight = Gauge("sluice_requests_in_flight", "Requests being handled now.", registry=r)
+        self.in_flight = 0  # requests being handled now; exported at scrape time
         self.retries = Counter(
             "sluice_upstream_retries", "Requests retried on another backend, by the backend that failed and why.",
             ["backend", "reason"], registry=r,
@@ -54,18 +56,46 @@ class GatewayMetrics:
             ["backend"], registry=r,
         )
 
+        self.requests_by = Children(self.requests)
+        self.duration_by = Children(self.duration)
+        self.ttft_by = Children(self.ttft)
+        self.tpot_by = Children(self.tpot)
+        self.tokens_by = Children(self.tokens)
+
     def watch_backends(self, backends: Backends) -> None:
-        self.registry.register(_BackendCollector(backends))
+        self.registry.register(_StateCollector(self, backends))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _BackendCollector(Collector):
-    def __init__(self, backends: Backends) -> None:
+class Children:
+    """Labelled children of one instrument, looked up once per label set (`labels()` is slow per request)."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def get(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._metric.labels(*labels)
+            if len(self._children) < MAX_CACHED_CHILDREN:
+                self._children[labels] = child
+        return child
+
+
+class _StateCollector(Collector):
+    """Gauges read from live state when Prometheus scrapes, so the request path updates nothing."""
+
+    def __init__(self, metrics: GatewayMetrics, backends: Backends) -> None:
+        self._metrics = metrics
         self._backends = backends
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", self._metrics.in_flight)
         up = GaugeMetricFamily("sluice_backend_up", "1 if the backend passes health checks.", labels=["backend"])
         load = GaugeMetricFamily(
             "sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.", labels=["backend"]

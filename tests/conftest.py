@@ -17,7 +17,9 @@ from sluice.testing.fake_vllm import FakeVLLM, FakeVLLMSettings, start_fake_vllm
 API_KEY = "sk-test-0123456789"
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on uvloop, the loop the gateway uses in production."""
     return {"uvloop": uvloop.new_event_loop}
 

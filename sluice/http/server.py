@@ -65,9 +65,44 @@ class RequestIds:
         return b"%s%08x" % (self._prefix.encode(), self._count)
 
 
+class Deadlines:
+    """Enforces the client timeouts of every open connection with one periodic sweep.
+
+    Arming a timeout is then two attribute writes instead of creating and cancelling a timer several
+    times per request; a timeout fires at most `resolution` seconds late.
+    """
+
+    def __init__(self, resolution: float) -> None:
+        self.resolution = resolution
+        self._connections: set[HttpServerProtocol] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, conn: HttpServerProtocol) -> None:
+        self._connections.add(conn)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sweep())
+
+    def discard(self, conn: HttpServerProtocol) -> None:
+        self._connections.discard(conn)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.resolution)
+            now = loop.time()
+            for conn in list(self._connections):
+                conn.check_deadline(now)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
 class HttpServerProtocol(asyncio.Protocol):
-    def __init__(self, handler: Handler, settings: ServerSettings, ids: RequestIds) -> None:
+    def __init__(self, handler: Handler, settings: ServerSettings, ids: RequestIds, deadlines: Deadlines) -> None:
         self._handler = handler
+        self._deadlines = deadlines
         self._settings = settings
         self._ids = ids
         self._loop = asyncio.get_running_loop()
@@ -77,7 +112,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._queue: deque[HttpRequest | Refusal] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time when `_on_deadline` runs; checked by the Deadlines sweeper
+        self._on_deadline: Callable[[], None] | None = None
         self._stopped = False  # no more requests are read from this connection
         self._reading_paused = False
         self._writing_paused = False
@@ -100,6 +136,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._client_ip = peer[0] if isinstance(peer, tuple) else ""
+        self._deadlines.add(self)
         self._arm(self._settings.keepalive_timeout, self._idle_timeout)
         self._task = self._loop.create_task(self._serve())
 
@@ -117,6 +154,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.closed = True
         self._stopped = True
         self._disarm()
+        self._deadlines.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -293,24 +331,27 @@ class HttpServerProtocol(asyncio.Protocol):
         return None
 
     def _slow_client(self) -> None:
-        self._timer = None
         self._refuse(RequestTimeout("The client sent the request too slowly."))
 
     def _idle_timeout(self) -> None:
-        self._timer = None
         if not self._queue and self.writer is None:
             self._stopped = True
             self._close()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, callback)
+        # No timer per request: the server's Deadlines sweeper looks at `deadline` a few times a second.
+        self.deadline = self._loop.time() + delay
+        self._on_deadline = callback
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._on_deadline = None
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the sweeper: run the armed timeout if its time has come."""
+        action = self._on_deadline
+        if action is not None and now >= self.deadline:
+            self._on_deadline = None
+            action()
 
     def _close(self) -> None:
         self._disarm()

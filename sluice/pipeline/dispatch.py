@@ -213,20 +213,18 @@ def _usage(body: bytes) -> dict[str, int] | None:
     start = body.rfind(b'"usage":')
     if start < 0:
         return None
-    i = body.find(b"{", start)
-    if i < 0:
+    opening = body.find(b"{", start)
+    if opening < 0 or body[start + 8 : opening].strip():
         return None
-    depth = 0
-    for j in range(i, len(body)):
-        c = body[j]
-        if c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                try:
-                    usage = orjson.loads(body[i : j + 1])
-                except orjson.JSONDecodeError:
-                    return None
-                return usage if isinstance(usage, dict) else None
-    return None
+    close = opening
+    while True:  # the usage object nests only objects and numbers: match braces with C-speed searches
+        close = body.find(b"}", close + 1)
+        if close < 0:
+            return None
+        if body.count(b"{", opening, close) == body.count(b"}", opening, close + 1):
+            break
+    try:
+        usage = orjson.loads(body[opening : close + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from sluice.context import Handler, RequestContext
 from sluice.errors import GatewayError, internal_error_body
@@ -21,17 +20,16 @@ from sluice.upstream.backends import Backends
 log = logging.getLogger("sluice.errors")
 access = logging.getLogger("sluice.access")
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
 class ErrorsStage:
     def __init__(self, metrics: GatewayMetrics, backends: Backends) -> None:
         self._metrics = metrics
         self._backends = backends
-        # Labelled children looked up once per label set: `labels()` is too slow for every request.
-        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
-        self._metrics.in_flight.inc()
+        self._metrics.in_flight += 1
         status = 0
         try:
             await call_next(ctx)
@@ -49,29 +47,23 @@ class ErrorsStage:
 
     def _finalize(self, ctx: RequestContext, status: int) -> None:
         metrics = self._metrics
-        metrics.in_flight.dec()
+        metrics.in_flight -= 1
         elapsed = time.perf_counter() - ctx.started
         route = ctx.route.name if ctx.route is not None else "unmatched"
         model = ctx.model if ctx.model and self._backends.knows(ctx.model) else ("" if not ctx.model else "unknown")
-        key = (route, model, ctx.backend, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (metrics.requests.labels(route, model, ctx.backend, str(status)), metrics.duration.labels(route))
-            if len(self._children) < 10_000:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        metrics.requests_by.get(route, model, ctx.backend, STATUS_TEXT.get(status) or str(status)).inc()
+        metrics.duration_by.get(route).observe(elapsed)
         if ctx.ttft is not None:
-            metrics.ttft.labels(model).observe(ctx.ttft)
+            metrics.ttft_by.get(model).observe(ctx.ttft)
         if ctx.tpot is not None:
-            metrics.tpot.labels(model).observe(ctx.tpot)
+            metrics.tpot_by.get(model).observe(ctx.tpot)
         usage = ctx.usage
         if usage is not None:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int):
-                metrics.tokens.labels(model, "prompt").inc(prompt)
+                metrics.tokens_by.get(model, "prompt").inc(prompt)
             if isinstance(completion, int):
-                metrics.tokens.labels(model, "completion").inc(completion)
+                metrics.tokens_by.get(model, "completion").inc(completion)
         if not access.disabled and access.isEnabledFor(logging.INFO):
             access.info(
                 "request",

@@ -27,13 +27,13 @@ from sluice.testing.fake_vllm_wire import (
     WireError,
     bad_request,
     completion_body,
-    count_words,
     embedding_body,
     model_of,
     parse_embedding,
     parse_generation,
     parse_json,
     plan_tokens,
+    split_words,
     token_texts,
 )
 
@@ -216,26 +216,25 @@ class InferenceHandlers:
         except WireError as err:
             engine.stats.failed += 1
             return error_response(err)
-        fail = knobs.fail
-        seq = engine.new_sequence(req.model, count_words(" ".join(req.inputs)))
+        late = knobs.fail if knobs.fail is not None and knobs.fail.kind in ("drop", "sse_error") else None
+        seq = engine.new_sequence(req.model, split_words(" ".join(req.inputs)))
         response = web.Response()
         outcome = Outcome.ABORTED
         try:
             await engine.admit(seq)
             await engine.prefill(seq, knobs)
-            if fail is not None and fail.kind in ("drop", "sse_error"):
+            if late is not None:
                 outcome = Outcome.FAILED
-                if fail.kind == "drop":
+                if late.kind == "drop":
                     await cut_connection(request, flush=False)
                     return response
                 response = error_response(injected_error(500))
             else:
-                response = web.Response(
-                    body=embedding_body(req, settings.embedding_dim), content_type="application/json"
-                )
+                body = embedding_body(req, settings.embedding_dim)
+                response = web.Response(body=body, content_type="application/json")
             await response.prepare(request)
             await response.write_eof()
-            if outcome is Outcome.ABORTED and response.status == 200:
+            if late is None:
                 outcome = Outcome.COMPLETED
         except ConnectionError:
             pass

@@ -72,7 +72,7 @@ def random_id(prefix: str) -> str:
     return prefix + os.urandom(16).hex()
 
 
-def count_words(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
     return text.split()
 
 
@@ -168,7 +168,7 @@ def parse_generation(
     model = model or base_model
     if not serves(model):
         raise WireError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-    words = count_words(text)
+    words = split_words(text)
     prompt_tokens = max(1, len(words))
     if prompt_tokens >= max_model_len:
         raise bad_request(

@@ -114,7 +114,8 @@ async def test_per_key_model_allow_list(fake: StartFake, gateway: StartGateway) 
     async with aiohttp.ClientSession() as session:
         async with session.post(gw.url + "/v1/chat/completions", json=GOOD, headers=headers) as r:
             assert r.status == 403 and (await r.json())["error"]["code"] == "model_not_allowed"
-        async with session.post(gw.url + "/v1/chat/completions", json={**GOOD, "model": "medical"}, headers=headers) as r:
+        medical = {**GOOD, "model": "medical"}
+        async with session.post(gw.url + "/v1/chat/completions", json=medical, headers=headers) as r:
             assert r.status == 200
         async with session.get(gw.url + "/v1/models", headers=headers) as r:
             assert [m["id"] for m in (await r.json())["data"]] == ["medical"]

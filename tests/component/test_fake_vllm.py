@@ -340,7 +340,7 @@ async def test_injected_close_and_hang(server: FakeVLLM, session: aiohttp.Client
             url, json=CHAT, headers={"X-Fake-Fail": "hang"}, timeout=aiohttp.ClientTimeout(total=0.3)
         ) as resp:
             await resp.read()
-    assert time.monotonic() - started >= 0.3
+    assert time.monotonic() - started >= 0.25  # no answer came: the client timed out
     await eventually(lambda: server.stats.aborted == 1)
     async with session.post(url, json=CHAT) as resp:  # the server is still fine
         assert resp.status == 200
