@@ -64,7 +64,7 @@ API key (also in {data_dir / 'api-key'}): {key}
        -d '{{"model": "medical", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
-print(c.chat.completions.create(model='code', messages=[{{'role': 'user', 'content': 'hi'}}]).choices[0].message.content)"
+print(c.chat.completions.create(model='code', messages=[{{'role':'user','content':'hi'}}]).choices[0].message.content)"
 
 Metrics: {url}/metrics   Health: {url}/ready   Stop: Ctrl-C""", flush=True)
     stop = asyncio.Event()
