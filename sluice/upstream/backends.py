@@ -6,7 +6,7 @@ rebuilt only when discovery or health changes something, so routing a request is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from sluice.config import BackendConfig
@@ -60,11 +60,7 @@ class Backends:
         self.by_name = {b.name: b for b in self.all}
         self._serving: dict[str, tuple[Backend, ...]] = {}
         self._known: frozenset[str] = frozenset()
-        self._listeners: list[Callable[[], None]] = []
         self.rebuild()
-
-    def on_change(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
 
     def rebuild(self) -> None:
         serving: dict[str, list[Backend]] = {}
@@ -74,8 +70,6 @@ class Backends:
                     serving.setdefault(model, []).append(backend)
         self._serving = {model: tuple(bs) for model, bs in serving.items()}
         self._known = frozenset(m for b in self.all for m in b.models)
-        for listener in self._listeners:
-            listener()
 
     def serving(self, model: str) -> tuple[Backend, ...]:
         """Healthy backends that serve `model` (empty when none)."""
