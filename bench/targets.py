@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-
-import orjson
 
 from bench import gateway, nginx
 from bench.env import BenchError, CpuPlan, Tools, missing_modules
@@ -194,7 +193,7 @@ class Lab:
         """One real chat request; a target that does not answer 200 with choices is skipped."""
         if isinstance(target, Skipped):
             return target
-        body = orjson.dumps({"model": nginx.MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        body = json.dumps({"model": nginx.MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         status, answer = http_status(target.chat_url, method="POST", body=body, headers=headers, timeout=5.0)
         if status == 200 and b'"choices"' in answer:

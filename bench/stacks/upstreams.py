@@ -109,7 +109,7 @@ class _HttpxReply:
 
     @property
     def content_type(self) -> str:
-        return self._response.headers.get("Content-Type", JSON_TYPE)
+        return str(self._response.headers.get("Content-Type", JSON_TYPE))
 
     async def read(self) -> bytes:
         try:

@@ -53,8 +53,8 @@ class StreamRelay:
             elif b'"usage"' in event and self._is_usage_chunk(event):
                 if self._strip_usage:
                     continue
-            elif not (b'"role"' in event and b'"content":""' in event):
-                self._count_token()
+            elif b'"content":""' not in event and b'"text":""' not in event:
+                self._count_token()  # not the role-only opener nor an empty finish chunk: a token
             keep.append(event)
         if keep:
             self._writer.write(keep[0] if len(keep) == 1 else b"".join(keep))
