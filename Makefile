@@ -39,6 +39,7 @@ system-deps:
 	@scripts/ensure-system-deps.sh
 
 bench: $(STAMP) system-deps
+	@$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

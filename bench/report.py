@@ -46,6 +46,11 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
+def _share(value: float, reference: float) -> str:
+    ratio = value / reference if reference else math.nan
+    return "<1%" if ratio < 0.01 else f"{ratio:.0%}"
+
+
 def _preamble(machine: Machine, cpus: CpuPlan, detail: str) -> str:
     return f"_Measured on {machine.describe()}; {cpus.describe()}; {detail}._\n"
 
@@ -96,7 +101,7 @@ def stacks_markdown(report: LoadReport, machine: Machine, cpus: CpuPlan) -> str:
         first, last = report.get(name, low), report.get(name, high)
         if first is None or last is None:
             continue
-        share = f"{last.requests_per_s / nginx_high.requests_per_s:.0%}" if nginx_high else "—"
+        share = _share(last.requests_per_s, nginx_high.requests_per_s) if nginx_high else "—"
         lines.append(
             f"| {LABELS.get(name, name)} | {_num(first.requests_per_s, 0)} | {_num(first.p50_ms, 3)} | "
             f"{_num(first.p99_ms, 3)} | {_num(last.requests_per_s, 0)} | {_num(last.p50_ms, 3)} | "
