@@ -16,6 +16,7 @@ from sluice.context import RequestContext
 from sluice.http.request import HttpRequest
 from sluice.http.response import ResponseWriter
 from sluice.http.server import Deadlines, HttpServerProtocol, RequestIds, ServerSettings
+from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.auth import AuthStage
 from sluice.pipeline.chain import build_chain
@@ -51,6 +52,7 @@ class Gateway:
         )
         self.metrics.watch_backends(self.backends)
         self.monitor = BackendMonitor(self.backends, config.health)
+        self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
         dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing)
         local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after)
 
@@ -64,7 +66,7 @@ class Gateway:
 
         self._chain = build_chain(
             [
-                ErrorsStage(self.metrics, self.backends),
+                ErrorsStage(self.metrics, self.backends, self.access_log),
                 IngressStage(PATHS),
                 AuthStage(config.auth.api_keys),
                 ParseStage(),
@@ -121,6 +123,8 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         self._deadlines.close()
+        if self.access_log is not None:
+            self.access_log.flush()
         await self.monitor.close()
         for backend in self.backends.all:
             backend.pool.close()

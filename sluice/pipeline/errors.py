@@ -13,20 +13,21 @@ import time
 
 from sluice.context import Handler, RequestContext
 from sluice.errors import GatewayError, internal_error_body
+from sluice.logs import AccessLog
 from sluice.metrics import GatewayMetrics
 from sluice.sse import data_event
 from sluice.upstream.backends import Backends
 
 log = logging.getLogger("sluice.errors")
-access = logging.getLogger("sluice.access")
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
 STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
 class ErrorsStage:
-    def __init__(self, metrics: GatewayMetrics, backends: Backends) -> None:
+    def __init__(self, metrics: GatewayMetrics, backends: Backends, access_log: AccessLog | None) -> None:
         self._metrics = metrics
         self._backends = backends
+        self._access_log = access_log
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
         self._metrics.in_flight += 1
@@ -64,10 +65,9 @@ class ErrorsStage:
                 metrics.tokens_by.get(model, "prompt").inc(prompt)
             if isinstance(completion, int):
                 metrics.tokens_by.get(model, "completion").inc(completion)
-        if not access.disabled and access.isEnabledFor(logging.INFO):
-            access.info(
-                "request",
-                extra={
+        if self._access_log is not None:
+            self._access_log.write(
+                {
                     "request_id": ctx.request_id,
                     "method": ctx.request.method,
                     "path": ctx.request.path,
@@ -82,7 +82,7 @@ class ErrorsStage:
                     "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
                     "prompt_tokens": usage.get("prompt_tokens") if usage else None,
                     "completion_tokens": usage.get("completion_tokens") if usage else None,
-                },
+                }
             )
 
 

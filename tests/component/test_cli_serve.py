@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -72,12 +73,18 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
                 response = fresh.post("/v1/chat/completions", json=body)
                 assert response.status_code == 200 and response.json()["model"] == "sql"
         assert client.get("/v1/models").json()["data"][0]["id"] in {"base", "sql"}
-    log.flush()
-    lines = (tmp_path / "gateway.log").read_text().splitlines()
-    pids = {line.split('"pid":')[1].split(",")[0] for line in lines if '"sluice listening"' in line}
-    assert len(pids) == 2, lines
     os.killpg(gateway.pid, signal.SIGTERM)
     assert gateway.wait(10) == 0
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()]
+    pids = {line["pid"] for line in lines if line["msg"] == "sluice listening"}
+    assert len(pids) == 2, lines
+    access = [line for line in lines if line["logger"] == "sluice.access" and line["path"].startswith("/v1/")]
+    assert len(access) == 41  # 40 completions and one model list, each logged once, none lost at exit
+    assert {line["status"] for line in access} == {200}
+    assert {line["key"] for line in access} == {"ci"}
+    assert all(line["backend"] == "a" and line["duration_ms"] > 0 for line in access if line["path"] != "/v1/models")
+    assert KEY not in (tmp_path / "gateway.log").read_text()
 
 
 def test_invalid_config_exits_2_with_a_message(tmp_path: Path) -> None:
