@@ -8,83 +8,57 @@ collected at scrape time rather than updated on the request path.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sluice.instruments import Counter, Histogram, collect_all
 from sluice.upstream.backends import Backends
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
-MAX_CACHED_CHILDREN = 10_000
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1)
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
         self.requests = Counter(
             "sluice_requests", "Requests answered, by route, model, backend and HTTP status.",
-            ["route", "model", "backend", "status"], registry=r,
+            ["route", "model", "backend", "status"],
         )
         self.duration = Histogram(
             "sluice_request_duration_seconds", "Time from request received to response finished.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            ["route"], LATENCY_BUCKETS,
         )
         self.ttft = Histogram(
             "sluice_time_to_first_token_seconds", "Time from request received to the first streamed token.",
-            ["model"], buckets=TTFT_BUCKETS, registry=r,
+            ["model"], TTFT_BUCKETS,
         )
         self.tpot = Histogram(
             "sluice_time_per_output_token_seconds", "Mean time between streamed tokens of one response.",
-            ["model"], buckets=TPOT_BUCKETS, registry=r,
+            ["model"], TPOT_BUCKETS,
         )
         self.tokens = Counter(
             "sluice_tokens", "Tokens reported by the backends, by model and kind (prompt, completion).",
-            ["model", "kind"], registry=r,
+            ["model", "kind"],
         )
-        self.in_flight = 0  # requests being handled now; exported at scrape time
         self.retries = Counter(
             "sluice_upstream_retries", "Requests retried on another backend, by the backend that failed and why.",
-            ["backend", "reason"], registry=r,
+            ["backend", "reason"],
         )
         self.stream_errors = Counter(
             "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
-            ["backend"], registry=r,
+            ["backend"],
         )
-
-        self.requests_by = Children(self.requests)
-        self.duration_by = Children(self.duration)
-        self.ttft_by = Children(self.ttft)
-        self.tpot_by = Children(self.tpot)
-        self.tokens_by = Children(self.tokens)
+        self.in_flight = 0  # requests being handled now; exported at scrape time
 
     def watch_backends(self, backends: Backends) -> None:
         self.registry.register(_StateCollector(self, backends))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class Children:
-    """Labelled children of one instrument, looked up once per label set (`labels()` is slow per request)."""
-
-    __slots__ = ("_children", "_metric")
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def get(self, *labels: str) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._metric.labels(*labels)
-            if len(self._children) < MAX_CACHED_CHILDREN:
-                self._children[labels] = child
-        return child
 
 
 class _StateCollector(Collector):
@@ -94,8 +68,10 @@ class _StateCollector(Collector):
         self._metrics = metrics
         self._backends = backends
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", self._metrics.in_flight)
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        yield from collect_all([m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors])
+        yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         up = GaugeMetricFamily("sluice_backend_up", "1 if the backend passes health checks.", labels=["backend"])
         load = GaugeMetricFamily(
             "sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.", labels=["backend"]

@@ -17,7 +17,6 @@ import orjson
 from sluice.config import RoutingConfig, TimeoutsConfig
 from sluice.context import RequestContext
 from sluice.errors import GatewayError, ModelNotFound, NoHealthyBackend, UpstreamError, UpstreamTimeout
-from sluice.http.response import JSON
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.relay import StreamRelay
 from sluice.upstream.backends import Backend, Backends
@@ -65,7 +64,7 @@ class Dispatcher:
             if backend is None:
                 break
             if tried:
-                self._metrics.retries.labels(tried[-1].name, failure.code if failure else "").inc()
+                self._metrics.retries.child(tried[-1].name, failure.code if failure else "").inc()
             tried.append(backend)
             ctx.backend = backend.name
             ctx.attempts += 1
@@ -125,7 +124,9 @@ class Dispatcher:
         try:
             try:
                 conn, exchange = await self._send(backend, data, timeout)
-                streamed = exchange.status == 200 and exchange.content_type.startswith(EVENT_STREAM)
+                # vLLM answers a successful `stream: true` request with SSE, anything else with JSON: the
+                # request decides, so the response's headers need not be parsed at all.
+                streamed = ctx.stream and exchange.status == 200
                 if not streamed:
                     await exchange.done  # a whole JSON answer (or error) is collected, then sent at once
             except ConnectFailure as exc:
@@ -152,8 +153,12 @@ class Dispatcher:
 
     async def _send(self, backend: Backend, data: list[bytes], timeout: float) -> tuple[UpstreamConnection, Exchange]:
         """Send the request and wait for the response headers; a stale keep-alive connection is replaced."""
+        pool = backend.pool
         while True:
-            conn, reused = await backend.pool.acquire()
+            conn = pool.take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await pool.connect()
             exchange = conn.send(data, timeout)
             try:
                 await exchange.headers_ready
@@ -172,11 +177,11 @@ class Dispatcher:
             ctx.usage = _usage(body)
         elif exchange.status == 404:
             asyncio.get_running_loop().create_task(self._monitor.rediscover())
-        ctx.writer.send(exchange.status, body, content_type=exchange.content_type or JSON)
+        ctx.writer.send(exchange.status, body)
 
     async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:
         writer = ctx.writer
-        writer.start(exchange.status, exchange.content_type)
+        writer.start(exchange.status, EVENT_STREAM)
         exchange.set_timeout(self._timeouts.stream_read)
         relay = StreamRelay(ctx, writer)
         for part in exchange.body:  # arrived together with the headers
@@ -187,7 +192,7 @@ class Dispatcher:
         try:
             await exchange.done
         except UpstreamFailure as exc:
-            self._metrics.stream_errors.labels(ctx.backend).inc()
+            self._metrics.stream_errors.child(ctx.backend).inc()
             log.warning("stream cut", extra={"request_id": ctx.request_id, "backend": ctx.backend, "error": str(exc)})
             relay.fail(f"The backend stream was interrupted ({exc}); the answer is incomplete.")
             return

@@ -52,19 +52,19 @@ class ErrorsStage:
         elapsed = time.perf_counter() - ctx.started
         route = ctx.route.name if ctx.route is not None else "unmatched"
         model = ctx.model if ctx.model and self._backends.knows(ctx.model) else ("" if not ctx.model else "unknown")
-        metrics.requests_by.get(route, model, ctx.backend, STATUS_TEXT.get(status) or str(status)).inc()
-        metrics.duration_by.get(route).observe(elapsed)
+        metrics.requests.child(route, model, ctx.backend, STATUS_TEXT.get(status) or str(status)).inc()
+        metrics.duration.child(route).observe(elapsed)
         if ctx.ttft is not None:
-            metrics.ttft_by.get(model).observe(ctx.ttft)
+            metrics.ttft.child(model).observe(ctx.ttft)
         if ctx.tpot is not None:
-            metrics.tpot_by.get(model).observe(ctx.tpot)
+            metrics.tpot.child(model).observe(ctx.tpot)
         usage = ctx.usage
         if usage is not None:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int):
-                metrics.tokens_by.get(model, "prompt").inc(prompt)
+                metrics.tokens.child(model, "prompt").inc(prompt)
             if isinstance(completion, int):
-                metrics.tokens_by.get(model, "completion").inc(completion)
+                metrics.tokens.child(model, "completion").inc(completion)
         if self._access_log is not None:
             self._access_log.write(
                 {

@@ -36,7 +36,6 @@ class Exchange:
         "_timer",
         "body",
         "conn",
-        "content_type",
         "done",
         "ended",
         "error",
@@ -51,7 +50,6 @@ class Exchange:
         loop = conn.loop
         self.conn = conn
         self.status = 0
-        self.content_type = b""
         self.body: list[bytes] = []
         self.sink: Callable[[bytes], None] | None = None
         self.headers_ready: asyncio.Future[None] = loop.create_future()
@@ -177,10 +175,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
 
     # httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.exchange is not None and name.lower() == b"content-type":
-            self.exchange.content_type = value
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange

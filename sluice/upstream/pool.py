@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
 
 from sluice.upstream.connection import UpstreamConnection
@@ -33,10 +34,13 @@ class ConnectionPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection ready for one exchange, and whether it was reused (it may have gone stale)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled keep-alive connection, most recently used first, or None (then `connect`).
+
+        A reused connection may have been closed by the backend in the meantime; the caller retries on
+        a fresh one when nothing at all came back.
+        """
+        now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if conn.closed:
@@ -44,8 +48,8 @@ class ConnectionPool:
             if now - conn.idle_since > self.idle_timeout:
                 conn.close()
                 continue
-            return conn, True
-        return await self.connect(), False
+            return conn
+        return None
 
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -65,11 +69,11 @@ class ConnectionPool:
         if self._closed or len(self._idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = conn.loop.time()
+        conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        # Idle connections the backend closed are skipped lazily by `acquire`; trim them when many pile up.
+        # Idle connections the backend closed are skipped lazily by `take_idle`; trim them when many pile up.
         if len(self._idle) > 64 and conn in self._idle:
             self._idle.remove(conn)
 
