@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Awaitable
 
 from sluice.config import SluiceConfig
 from sluice.context import RequestContext
@@ -56,13 +57,10 @@ class Gateway:
         dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing)
         local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after)
 
-        async def terminal(ctx: RequestContext) -> None:
+        def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
             assert route is not None
-            if route.proxied:
-                await dispatcher(ctx)
-            else:
-                await local.handlers[route.name](ctx)
+            return dispatcher(ctx) if route.proxied else local.handlers[route.name](ctx)
 
         self._chain = build_chain(
             [
@@ -85,9 +83,8 @@ class Gateway:
         self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
         self._server: asyncio.Server | None = None
 
-    async def handle(self, request: HttpRequest, writer: ResponseWriter) -> None:
-        ctx = RequestContext(request, writer, time.perf_counter())
-        await self._chain(ctx)
+    def handle(self, request: HttpRequest, writer: ResponseWriter) -> Awaitable[None]:
+        return self._chain(RequestContext(request, writer, time.perf_counter()))
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""

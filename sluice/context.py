@@ -1,7 +1,9 @@
-"""The per-request state that flows through the pipeline, and the Stage protocol.
+"""The per-request state that flows through the pipeline, and the two kinds of pipeline step.
 
-A stage is `async (ctx, call_next) -> None`: it calls `call_next(ctx)` to continue, or answers itself
-through `ctx.writer` / by raising a `GatewayError` (Envoy's continue or local reply).
+A `Stage` is `async (ctx, call_next) -> None`: it calls `call_next(ctx)` to continue, or answers itself
+through `ctx.writer` / by raising a `GatewayError` (Envoy's continue or local reply). A `Check` is a
+step that never waits (routing, credentials, body validation): `check(ctx)` returns to continue or
+raises to answer, and costs no coroutine.
 """
 
 from __future__ import annotations
@@ -77,3 +79,7 @@ Handler = Callable[[RequestContext], Awaitable[None]]
 
 class Stage(Protocol):
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> None: ...
+
+
+class Check(Protocol):
+    def check(self, ctx: RequestContext) -> None: ...

@@ -181,10 +181,14 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_header_bytes(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > self._settings.max_header_bytes:
+            self._headers_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value) + 4)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._settings.max_header_bytes:
+            self._headers_too_large()
         if self._refused is None:
             self._headers.append((name.lower(), value))
 
@@ -307,12 +311,9 @@ class HttpServerProtocol(asyncio.Protocol):
             "(limits.max_body_bytes); send a smaller request."
         )
 
-    def _count_header_bytes(self, n: int) -> None:
-        self._header_bytes += n
-        if self._header_bytes > self._settings.max_header_bytes and self._refused is None:
-            self._refused = HeadersTooLarge(
-                f"Request line and headers exceed {self._settings.max_header_bytes} bytes."
-            )
+    def _headers_too_large(self) -> None:
+        if self._refused is None:
+            self._refused = HeadersTooLarge(f"Request line and headers exceed {self._settings.max_header_bytes} bytes.")
             self._headers = []
 
     def _content_length(self) -> int | None:

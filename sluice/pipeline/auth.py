@@ -12,7 +12,7 @@ import hmac
 from collections.abc import Iterable
 
 from sluice.config import ApiKeyConfig
-from sluice.context import Handler, Principal, RequestContext
+from sluice.context import Principal, RequestContext
 from sluice.errors import Unauthorized
 
 CHALLENGE = (("www-authenticate", 'Bearer realm="sluice"'),)
@@ -26,11 +26,10 @@ class AuthStage:
             models = frozenset(key.models) if key.models is not None else None
             self._by_digest[digest] = (digest, Principal(name=key.name, models=models))
 
-    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
+    def check(self, ctx: RequestContext) -> None:
         route = ctx.route
         if route is None or not route.public:
             ctx.principal = self.authenticate(ctx.request.header(b"authorization"))
-        await call_next(ctx)
 
     def authenticate(self, header: bytes | None) -> Principal:
         if header is None or len(header) < 8 or header[:7].lower() != b"bearer ":

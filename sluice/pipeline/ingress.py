@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sluice.context import Handler, RequestContext, Route
+from sluice.context import RequestContext, Route
 from sluice.errors import MethodNotAllowed, NotFound
 
 
@@ -12,7 +12,7 @@ class IngressStage:
     def __init__(self, routes: Mapping[str, Route]) -> None:
         self._routes = dict(routes)
 
-    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
+    def check(self, ctx: RequestContext) -> None:
         request = ctx.request
         route = self._routes.get(request.path)
         if route is None:
@@ -23,4 +23,3 @@ class IngressStage:
                 f"{request.method} is not allowed on {request.path}; use {allowed}.", headers=(("allow", allowed),)
             )
         ctx.route = route
-        await call_next(ctx)

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from sluice.context import Handler, RequestContext
+from sluice.context import RequestContext
 from sluice.errors import GatewayError, InvalidJSON, InvalidRequest
 from sluice.pipeline.validation import CHECKS
 
@@ -22,11 +22,10 @@ class Forbidden(GatewayError):
 
 
 class ParseStage:
-    async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
+    def check(self, ctx: RequestContext) -> None:
         route = ctx.route
         if route is not None and route.proxied:
             self.read(ctx, route.name)
-        await call_next(ctx)
 
     def read(self, ctx: RequestContext, route: str) -> None:
         raw = ctx.request.body

@@ -16,16 +16,8 @@ def _bad(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
-def _number(body: dict[str, Any], name: str) -> None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise _bad(name, f"'{name}' must be a number, got {type(value).__name__}.")
-
-
-def _positive_int(body: dict[str, Any], name: str) -> None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise _bad(name, f"'{name}' must be a positive integer.")
+NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+POSITIVE_INTEGERS = ("max_tokens", "max_completion_tokens", "n")
 
 
 def _common(body: dict[str, Any]) -> None:
@@ -41,10 +33,15 @@ def _common(body: dict[str, Any]) -> None:
             raise _bad("stream_options", "'stream_options' must be an object.")
         if not isinstance(options.get("include_usage", False), bool):
             raise _bad("stream_options", "'stream_options.include_usage' must be true or false.")
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        _number(body, name)
-    for name in ("max_tokens", "max_completion_tokens", "n"):
-        _positive_int(body, name)
+    get = body.get
+    for name in NUMBERS:
+        value = get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _bad(name, f"'{name}' must be a number, got {type(value).__name__}.")
+    for name in POSITIVE_INTEGERS:
+        value = get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _bad(name, f"'{name}' must be a positive integer.")
 
 
 def check_chat(body: dict[str, Any]) -> None:
