@@ -14,9 +14,10 @@ from collections.abc import Awaitable
 
 from sluice.config import SluiceConfig
 from sluice.context import RequestContext
+from sluice.deadlines import Deadlines
 from sluice.http.request import HttpRequest
 from sluice.http.response import ResponseWriter
-from sluice.http.server import Deadlines, HttpServerProtocol, RequestIds, ServerSettings
+from sluice.http.server import HttpServerProtocol, RequestIds, ServerSettings
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.auth import AuthStage
@@ -38,6 +39,8 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics()
         timeouts, limits = config.timeouts, config.limits
+        shortest = min(timeouts.model_dump().values())
+        self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
         self.backends = Backends(
             Backend(
                 b,
@@ -47,6 +50,7 @@ class Gateway:
                     connect_timeout=timeouts.connect,
                     idle_timeout=timeouts.upstream_keepalive,
                     max_idle=limits.max_idle_upstream_connections,
+                    deadlines=self._deadlines,
                 ),
             )
             for b in config.backends
@@ -79,8 +83,6 @@ class Gateway:
             keepalive_timeout=timeouts.client_keepalive,
         )
         self._ids = RequestIds()
-        shortest = min(timeouts.client_header, timeouts.client_body, timeouts.client_keepalive)
-        self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
         self._server: asyncio.Server | None = None
 
     def handle(self, request: HttpRequest, writer: ResponseWriter) -> Awaitable[None]:

@@ -18,6 +18,7 @@ from typing import cast
 
 import httptools
 
+from sluice.deadlines import Deadlines
 from sluice.errors import (
     GatewayError,
     HeadersTooLarge,
@@ -63,40 +64,6 @@ class RequestIds:
     def next(self) -> bytes:
         self._count += 1
         return b"%s%08x" % (self._prefix.encode(), self._count)
-
-
-class Deadlines:
-    """Enforces the client timeouts of every open connection with one periodic sweep.
-
-    Arming a timeout is then two attribute writes instead of creating and cancelling a timer several
-    times per request; a timeout fires at most `resolution` seconds late.
-    """
-
-    def __init__(self, resolution: float) -> None:
-        self.resolution = resolution
-        self._connections: set[HttpServerProtocol] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, conn: HttpServerProtocol) -> None:
-        self._connections.add(conn)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._sweep())
-
-    def discard(self, conn: HttpServerProtocol) -> None:
-        self._connections.discard(conn)
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.resolution)
-            now = loop.time()
-            for conn in list(self._connections):
-                conn.check_deadline(now)
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
 
 class HttpServerProtocol(asyncio.Protocol):

@@ -129,9 +129,9 @@ class Dispatcher:
                     reused = conn is not None
                     if conn is None:
                         conn = await pool.connect()
-                    exchange = conn.send(data, timeout)
+                    exchange = conn.send(data, timeout, want_headers=ctx.stream)
                     try:
-                        await exchange.headers_ready
+                        await (exchange.headers_ready or exchange.done)
                         break
                     except UpstreamFailure as exc:
                         # A pooled connection the backend had already closed: nothing was processed.

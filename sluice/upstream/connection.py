@@ -33,7 +33,6 @@ class UpstreamTimeoutFailure(UpstreamFailure):
 class Exchange:
     __slots__ = (
         "_timeout",
-        "_timer",
         "body",
         "conn",
         "done",
@@ -46,35 +45,29 @@ class Exchange:
         "status",
     )
 
-    def __init__(self, conn: UpstreamConnection, timeout: float) -> None:
+    def __init__(self, conn: UpstreamConnection, timeout: float, want_headers: bool) -> None:
         loop = conn.loop
         self.conn = conn
         self.status = 0
         self.body: list[bytes] = []
         self.sink: Callable[[bytes], None] | None = None
-        self.headers_ready: asyncio.Future[None] = loop.create_future()
+        # Streams wait for the headers; whole answers wait for `done` only, and pay for one future.
+        self.headers_ready: asyncio.Future[None] | None = loop.create_future() if want_headers else None
         self.done: asyncio.Future[None] = loop.create_future()
         self.error: UpstreamFailure | None = None
         self.ended = False  # finished or failed; unlike `done.done()`, not set by a cancelled waiter
         self.received_any = False
         self.last_activity = loop.time()
         self._timeout = timeout
-        self._timer: asyncio.TimerHandle | None = loop.call_at(self.last_activity + timeout, self._check_timeout)
+        conn.pool.deadlines.add(self)
 
     def set_timeout(self, timeout: float) -> None:
         """Change the allowed silence between two reads (streams get their own once they start)."""
         self._timeout = timeout
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self.conn.loop.call_at(self.last_activity + timeout, self._check_timeout)
 
-    def _check_timeout(self) -> None:
-        loop = self.conn.loop
-        idle_until = self.last_activity + self._timeout
-        if loop.time() < idle_until:
-            self._timer = loop.call_at(idle_until, self._check_timeout)
+    def check_deadline(self, now: float) -> None:
+        if now - self.last_activity < self._timeout:
             return
-        self._timer = None
         self.fail(
             UpstreamTimeoutFailure(
                 f"no data from the backend for {self._timeout:g} s", nothing_received=not self.received_any
@@ -87,9 +80,9 @@ class Exchange:
             return
         self.ended = True
         self.error = error
-        self._stop_timer()
+        self.conn.pool.deadlines.discard(self)
         for future in (self.headers_ready, self.done):
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved here so an unawaited failure is not logged
 
@@ -97,14 +90,9 @@ class Exchange:
         if self.ended:
             return
         self.ended = True
-        self._stop_timer()
+        self.conn.pool.deadlines.discard(self)
         if not self.done.done():
             self.done.set_result(None)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -118,8 +106,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._keep_alive = True
 
-    def send(self, data: list[bytes], timeout: float) -> Exchange:
-        exchange = Exchange(self, timeout)
+    def send(self, data: list[bytes], timeout: float, want_headers: bool) -> Exchange:
+        exchange = Exchange(self, timeout, want_headers)
         self.exchange = exchange
         assert self.transport is not None
         self.transport.writelines(data)
@@ -182,8 +170,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         exchange.status = self._parser.get_status_code()
         self._keep_alive = self._parser.should_keep_alive()
-        if not exchange.headers_ready.done():
-            exchange.headers_ready.set_result(None)
+        ready = exchange.headers_ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange

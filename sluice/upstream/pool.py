@@ -11,6 +11,7 @@ import socket
 import time
 from collections import deque
 
+from sluice.deadlines import Deadlines
 from sluice.upstream.connection import UpstreamConnection
 
 
@@ -20,8 +21,16 @@ class ConnectFailure(Exception):
 
 class ConnectionPool:
     def __init__(
-        self, host: str, port: int, *, connect_timeout: float, idle_timeout: float, max_idle: int
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        max_idle: int,
+        deadlines: Deadlines,
     ) -> None:
+        self.deadlines = deadlines  # enforces the read timeouts of this pool's exchanges
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout

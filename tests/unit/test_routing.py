@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from sluice.config import BackendConfig
+from sluice.deadlines import Deadlines
 from sluice.pipeline.dispatch import _usage
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.balancer import LeastOutstanding
@@ -13,7 +14,8 @@ from sluice.upstream.pool import ConnectionPool
 
 def backend(name: str, weight: float = 1.0, models: tuple[str, ...] = ("m",)) -> Backend:
     config = BackendConfig(name=name, url="http://127.0.0.1:1", weight=weight, models=models)
-    b = Backend(config, ConnectionPool("127.0.0.1", 1, connect_timeout=1, idle_timeout=1, max_idle=1))
+    pool = ConnectionPool("127.0.0.1", 1, connect_timeout=1, idle_timeout=1, max_idle=1, deadlines=Deadlines(1))
+    b = Backend(config, pool)
     b.healthy = True
     return b
 
