@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import free_port
@@ -20,13 +22,25 @@ from tests.conftest import free_port
 KEY = "sk-cli-test-0123456789"
 
 
+def http(url: str, body: dict[str, object] | None = None, key: str | None = None) -> tuple[int, Any]:
+    """One request on a fresh connection (so SO_REUSEPORT can hand it to either worker)."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
 def wait_http(url: str, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            if http(url)[0] == 200:
                 return
-        except httpx.HTTPError:
+        except OSError:
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} did not answer 200 within {timeout} s")
@@ -65,14 +79,12 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
     )
     processes.append(gateway)
     wait_http(f"http://127.0.0.1:{port}/ready")
-    headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "sql", "messages": [{"role": "user", "content": "hi"}]}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
-        for _ in range(40):
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as fresh:  # new connection
-                response = fresh.post("/v1/chat/completions", json=body)
-                assert response.status_code == 200 and response.json()["model"] == "sql"
-        assert client.get("/v1/models").json()["data"][0]["id"] in {"base", "sql"}
+    for _ in range(40):
+        status, answer = http(f"http://127.0.0.1:{port}/v1/chat/completions", body, KEY)
+        assert status == 200 and answer["model"] == "sql"
+    status, models = http(f"http://127.0.0.1:{port}/v1/models", key=KEY)
+    assert status == 200 and {m["id"] for m in models["data"]} == {"base", "sql"}
     os.killpg(gateway.pid, signal.SIGTERM)
     assert gateway.wait(10) == 0
     log.close()
