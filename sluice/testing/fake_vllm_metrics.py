@@ -1,23 +1,22 @@
 """The fake's `/metrics`: vLLM's metric names and labels, fed by the fake's own simulated load.
 
 Every server gets its own `CollectorRegistry`, so several fakes can live in one process. Gauges are read
-from the scheduler at scrape time. Counters and histograms are plain lock-free numbers updated on the
-event loop (the fake observes one histogram sample per generated token, and prometheus_client's locked
-instruments cost several microseconds each) and turned into metric families when Prometheus scrapes.
+from the scheduler at scrape time. Counters and histograms are the gateway's lock-free instruments
+(`sluice.instruments`): the fake observes one histogram sample per generated token, and
+prometheus_client's locked instruments cost several microseconds each.
 Bucket boundaries follow vLLM's.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from bisect import bisect_left
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sluice.instruments import Counter, Histogram, collect_all
 from sluice.testing.fake_vllm_settings import FakeVLLMSettings
 from sluice.testing.fake_vllm_state import LoraRegistry, Scheduler
 
@@ -36,39 +35,6 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 # fmt: on
 
 
-class FastCounter:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
-class FastHistogram:
-    __slots__ = ("_bounds", "_counts", "_sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
-        self._counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1  # bucket i holds value <= bounds[i]
-        self._sum += value
-
-    def family(self, name: str, doc: str, label_values: list[str]) -> HistogramMetricFamily:
-        cumulative: list[tuple[str, float]] = []
-        total = 0
-        for bound, count in zip([*self._bounds, float("inf")], self._counts, strict=True):
-            total += count
-            cumulative.append(("+Inf" if math.isinf(bound) else repr(bound), total))
-        family = HistogramMetricFamily(name, doc, labels=LABELS)
-        family.add_metric(label_values, cumulative, sum_value=self._sum)
-        return family
-
-
 class FakeMetrics(Collector):
     """The instruments of one fake server, for its `model_name` and `engine="0"`."""
 
@@ -76,15 +42,32 @@ class FakeMetrics(Collector):
         self._settings = settings
         self._scheduler = scheduler
         self._loras = loras
-        self.prompt_tokens = FastCounter()
-        self.generation_tokens = FastCounter()
-        self.request_success = {reason: FastCounter() for reason in FINISH_REASONS}
-        self.prefix_queries = FastCounter()
-        self.prefix_hits = FastCounter()
-        self.ttft = FastHistogram(TTFT_BUCKETS)
-        self.tpot = FastHistogram(TOKEN_LATENCY_BUCKETS)
-        self.itl = FastHistogram(TOKEN_LATENCY_BUCKETS)
-        self.e2e = FastHistogram(E2E_BUCKETS)
+        values = (settings.model, ENGINE)
+        self._counters = [
+            Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", LABELS),
+            Counter("vllm:generation_tokens", "Number of generation tokens processed.", LABELS),
+            Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", LABELS),
+            Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", LABELS),
+        ]
+        success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.", [*LABELS, "finished_reason"]
+        )
+        self._histograms = [
+            Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", LABELS,
+                      TTFT_BUCKETS),
+            Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", LABELS,
+                      TOKEN_LATENCY_BUCKETS),
+            Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", LABELS,
+                      TOKEN_LATENCY_BUCKETS),
+            Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", LABELS,
+                      E2E_BUCKETS),
+        ]  # fmt: skip
+        self._instruments: list[Counter | Histogram] = [*self._counters, success, *self._histograms]
+        self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits = (
+            counter.child(*values) for counter in self._counters
+        )
+        self.request_success = {reason: success.child(*values, reason) for reason in FINISH_REASONS}
+        self.ttft, self.tpot, self.itl, self.e2e = (histogram.child(*values) for histogram in self._histograms)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -92,37 +75,8 @@ class FakeMetrics(Collector):
         return generate_latest(self.registry)
 
     def collect(self) -> Iterable[Metric]:
-        values = [self._settings.model, ENGINE]
-        yield from self._gauges(values)
-        counters = (
-            ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
-            ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
-            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-             self.prefix_queries),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", self.prefix_hits),
-        )  # fmt: skip
-        for name, doc, counter in counters:
-            family = CounterMetricFamily(name, doc, labels=LABELS)
-            family.add_metric(values, counter.value)
-            yield family
-        success = CounterMetricFamily(
-            "vllm:request_success", "Count of successfully processed requests.", labels=[*LABELS, "finished_reason"]
-        )
-        for reason, counter in self.request_success.items():
-            success.add_metric([*values, reason], counter.value)
-        yield success
-        yield self.ttft.family(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", values
-        )
-        yield self.tpot.family(
-            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", values
-        )
-        yield self.itl.family(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", values
-        )
-        yield self.e2e.family(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", values
-        )
+        yield from self._gauges([self._settings.model, ENGINE])
+        yield from collect_all(self._instruments)
 
     def _gauges(self, values: list[str]) -> Iterable[Metric]:
         """Scheduler and adapter state, sampled when Prometheus scrapes."""
