@@ -8,7 +8,6 @@ event. Cancellation (the client went away) aborts the upstream connection, so vL
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -169,7 +168,7 @@ class Dispatcher:
         if exchange.status == 200:
             ctx.usage = _usage(body)
         elif exchange.status == 404:
-            asyncio.get_running_loop().create_task(self._monitor.rediscover())
+            self._monitor.request_rediscovery()  # the backend no longer serves it: refresh the index
         ctx.writer.send(exchange.status, body)
 
     async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:

@@ -66,14 +66,19 @@ class BackendMonitor:
         if any(results):
             self.backends.rebuild()
 
-    async def rediscover(self) -> None:
-        """Re-read every backend's models now, at most once per MIN_REDISCOVERY_INTERVAL; waits for it."""
-        loop = asyncio.get_running_loop()
+    def request_rediscovery(self) -> asyncio.Task[None] | None:
+        """Start re-reading every backend's models unless one is running or ran in the last 2 s."""
         if self._discovery is None or self._discovery.done():
-            if loop.time() - self._last_discovery < MIN_REDISCOVERY_INTERVAL:
-                return
-            self._discovery = asyncio.create_task(self.discover_all())
-        await asyncio.shield(self._discovery)
+            if asyncio.get_running_loop().time() - self._last_discovery < MIN_REDISCOVERY_INTERVAL:
+                return None
+            self._discovery = asyncio.create_task(self.discover_all(), name="model-rediscovery")
+        return self._discovery
+
+    async def rediscover(self) -> None:
+        """Re-read every backend's models now (rate-limited as above) and wait for the result."""
+        task = self.request_rediscovery()
+        if task is not None:
+            await asyncio.shield(task)
 
     def report_failure(self, backend: Backend, reason: str) -> None:
         """The request path could not reach `backend`: take it out until a probe succeeds."""
