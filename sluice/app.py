@@ -30,6 +30,7 @@ from sluice.routes import PATHS, LocalRoutes
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.monitor import BackendMonitor
 from sluice.upstream.pool import ConnectionPool
+from sluice.upstream.scraper import LoadScraper
 
 log = logging.getLogger("sluice.app")
 
@@ -57,6 +58,7 @@ class Gateway:
         )
         self.metrics.watch_backends(self.backends)
         self.monitor = BackendMonitor(self.backends, config.health)
+        self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
         dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing)
         local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after)
@@ -91,6 +93,7 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
         await self.monitor.start()
+        await self.scraper.start()
         loop = asyncio.get_running_loop()
 
         def protocol() -> HttpServerProtocol:
@@ -125,6 +128,7 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.flush()
         await self.monitor.close()
+        await self.scraper.close()
         for backend in self.backends.all:
             backend.pool.close()
         if self._server is not None:

@@ -93,6 +93,7 @@ class HealthConfig(Section):
     interval: PositiveSeconds = 5.0
     timeout: PositiveSeconds = 2.0
     discovery_interval: PositiveSeconds = 30.0
+    scrape_interval: PositiveSeconds = 1.0
 
 
 class RoutingConfig(Section):

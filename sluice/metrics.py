@@ -7,6 +7,7 @@ collected at scrape time rather than updated on the request path.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -79,10 +80,30 @@ class _StateCollector(Collector):
         models = GaugeMetricFamily(
             "sluice_backend_models", "Models (base and LoRA) the backend lists.", labels=["backend"]
         )
+        running = GaugeMetricFamily(
+            "sluice_backend_requests_running", "Requests the engine reports running (vllm:num_requests_running).",
+            labels=["backend"],
+        )
+        waiting = GaugeMetricFamily(
+            "sluice_backend_requests_waiting", "Requests the engine reports queued (vllm:num_requests_waiting).",
+            labels=["backend"],
+        )
+        kv = GaugeMetricFamily(
+            "sluice_backend_kv_cache_usage", "KV-cache use the engine reports, 0 to 1 (vllm:kv_cache_usage_perc).",
+            labels=["backend"],
+        )
+        age = GaugeMetricFamily(
+            "sluice_backend_scrape_age_seconds", "Seconds since the engine's /metrics were last read.",
+            labels=["backend"],
+        )
+        now = time.monotonic()
         for backend in self._backends.all:
             up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
+            if backend.scraped_at:
+                running.add_metric([backend.name], backend.reported_running)
+                waiting.add_metric([backend.name], backend.reported_waiting)
+                kv.add_metric([backend.name], backend.reported_kv_usage)
+                age.add_metric([backend.name], now - backend.scraped_at)
             load.add_metric([backend.name], backend.in_flight)
             models.add_metric([backend.name], len(backend.models))
-        yield up
-        yield load
-        yield models
+        yield from (up, load, models, running, waiting, kv, age)

@@ -26,6 +26,11 @@ class Backend:
         "models",
         "name",
         "pool",
+        "reported_kv_usage",
+        "reported_running",
+        "reported_waiting",
+        "scraped_at",
+        "stale_after",
         "weight",
     )
 
@@ -40,8 +45,26 @@ class Backend:
         self.last_error = ""
         self.models: frozenset[str] = frozenset(config.models)
         self.model_cards: dict[str, dict[str, Any]] = {}
+        # What the engine itself reports on /metrics (see upstream/scraper.py); stale after `stale_after`.
+        self.reported_running = 0.0
+        self.reported_waiting = 0.0
+        self.reported_kv_usage = 0.0
+        self.scraped_at = 0.0
+        self.stale_after = 0.0
         self.host_header = f"host: {config.host}:{config.port}\r\n".encode()
         self.auth_header = f"authorization: Bearer {config.api_key}\r\n".encode() if config.api_key else b""
+
+    def load(self, now: float) -> float:
+        """Outstanding work: our in-flight count, or the engine's running + waiting when it reports more.
+
+        The engine's view includes requests from other gateway replicas; ours is exact but local. A stale
+        or missing scrape leaves just our own count.
+        """
+        if now < self.stale_after:
+            reported = self.reported_running + self.reported_waiting
+            if reported > self.in_flight:
+                return reported
+        return self.in_flight
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,11 +1,13 @@
-"""Chooses the backend for a request: least outstanding requests, weighted.
+"""Chooses the backend for a request: least loaded, weighted.
 
-Score = (in-flight + 1) / weight; ties rotate so equal backends share work instead of the first one
-taking everything while the others idle.
+Score = (load + 1) / weight, where load is the gateway's in-flight count or, when fresher and larger,
+the running + waiting requests the engine reports on /metrics (`Backend.load`). Ties rotate so equal
+backends share work instead of the first one taking everything while the others idle.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Container
 
 from sluice.upstream.backends import Backend
@@ -23,13 +25,14 @@ class LeastOutstanding:
             only = candidates[0]
             return None if only in exclude else only
         self._turn += 1
+        now = time.monotonic()
         best: Backend | None = None
         best_score = 0.0
         for i in range(n):
             backend = candidates[(self._turn + i) % n]
             if backend in exclude:
                 continue
-            score = (backend.in_flight + 1) / backend.weight
+            score = (backend.load(now) + 1) / backend.weight
             if best is None or score < best_score:
                 best, best_score = backend, score
         return best

@@ -162,3 +162,24 @@ async def test_least_outstanding_spreads_concurrent_load(fake: StartFake, gatewa
     gw = await gateway([a, b])
     await asyncio.gather(*(post(gw.url, CHAT) for _ in range(20)))
     assert a.stats.completed == 10 and b.stats.completed == 10
+
+
+async def test_engine_reported_load_is_scraped_used_and_exported(fake: StartFake, gateway: StartGateway) -> None:
+    busy, idle = await fake("base", max_num_seqs=1, ttft_ms=1500), await fake("base")
+    gw = await gateway([busy], health={"interval": 0.2, "timeout": 1, "scrape_interval": 0.1})
+    # Another client (think: another gateway replica) fills the busy engine's queue directly.
+    async with aiohttp.ClientSession() as session:
+        pending = [
+            asyncio.ensure_future(session.post(busy.url + "/v1/chat/completions", json=CHAT)) for _ in range(4)
+        ]
+        await asyncio.sleep(0.5)
+        metrics = gw.metrics.render().decode()
+        assert 'sluice_backend_requests_waiting{backend="b0"} 3.0' in metrics
+        assert 'sluice_backend_requests_running{backend="b0"} 1.0' in metrics
+        both = await gateway([busy, idle], health={"interval": 0.2, "timeout": 1, "scrape_interval": 0.1})
+        await asyncio.sleep(0.3)
+        for _ in range(5):  # the gateway has nothing in flight anywhere; only the scrape tells them apart
+            assert (await post(both.url, CHAT))[0] == 200
+        assert idle.stats.completed == 5
+        for request in pending:
+            (await request).close()
