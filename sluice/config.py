@@ -97,6 +97,9 @@ class HealthConfig(Section):
 
 
 class RoutingConfig(Section):
+    strategy: Literal["least_loaded", "round_robin", "affinity"] = "least_loaded"
+    affinity_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]+$")
+    affinity_prefix_chars: int = Field(1024, ge=16, le=1_000_000)
     retries: int = Field(1, ge=0, le=5)
     retry_after: int = Field(5, ge=1, le=3600)
 

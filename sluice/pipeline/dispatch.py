@@ -19,7 +19,7 @@ from sluice.errors import GatewayError, ModelNotFound, NoHealthyBackend, Upstrea
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.relay import StreamRelay
 from sluice.upstream.backends import Backend, Backends
-from sluice.upstream.balancer import LeastOutstanding
+from sluice.upstream.balancer import make_balancer
 from sluice.upstream.connection import Exchange, UpstreamConnection, UpstreamFailure, UpstreamTimeoutFailure
 from sluice.upstream.monitor import BackendMonitor
 from sluice.upstream.pool import ConnectFailure
@@ -50,7 +50,7 @@ class Dispatcher:
         self._metrics = metrics
         self._timeouts = timeouts
         self._routing = routing
-        self._balancer = LeastOutstanding()
+        self._balancer = make_balancer(routing)
         self._retry_after = (("retry-after", str(routing.retry_after)),)
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -59,7 +59,7 @@ class Dispatcher:
         tried: list[Backend] = []
         failure: GatewayError | None = None
         for _ in range(1 + self._routing.retries):
-            backend = self._balancer.pick(candidates, tried)
+            backend = self._balancer.pick(candidates, tried, ctx)
             if backend is None:
                 break
             if tried:
