@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT   ?= 8080
 
-.PHONY: demo test lint typecheck unit bench system-deps clean
+.PHONY: demo test test-fast engine lint typecheck unit bench system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: $(STAMP)
-	@$(BIN)/sluice demo --port $(PORT)
+demo: $(STAMP) engine
+	@$(BIN)/sluice demo --port $(PORT) $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sluice tests bench
@@ -28,8 +28,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+# The real-engine stage needs the prepared engine (first run on a bare machine: several minutes for
+# vLLM's install and the model's conversion; later runs: seconds). SLUICE_REQUIRE_ENGINE makes a missing
+# engine a failure instead of a skip.
+test: $(STAMP) system-deps lint typecheck engine
+	SLUICE_REQUIRE_ENGINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Everything but the real engine (fast feedback while developing).
+test-fast: $(STAMP) lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e"
+
+engine: $(STAMP)
+	@$(BIN)/sluice engine prepare
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

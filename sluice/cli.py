@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, check-config, demo, fake-vllm, version."""
+"""The `sluice` command line: serve, check-config, demo, engine, fake-vllm, version."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         from sluice.testing.fake_vllm import main as fake_main
 
         return fake_main(argv[1:])
+    if argv[:1] == ["engine"]:
+        from sluice.engine.cli import main as engine_main
+
+        return engine_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sluice", description="A production gateway for vLLM.")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -25,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", metavar="FILE")
 
-    demo = commands.add_parser("demo", help="run a demo gateway with local backends (what `make demo` runs)")
+    demo = commands.add_parser("demo", help="run a demo gateway with the local engine (what `make demo` runs)")
     demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--with-fake", action="store_true", help="add a fake vLLM server as a second backend")
+    demo.add_argument("--fake-only", action="store_true", help="fake backends only (no real engine)")
 
     commands.add_parser("fake-vllm", help="run the vLLM-compatible fake server (see `sluice fake-vllm --help`)")
+    commands.add_parser("engine", help="prepare and run the local vLLM engine (see `sluice engine --help`)")
     commands.add_parser("version", help="print the version")
 
     args = parser.parse_args(argv)
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from sluice.demo import main as demo_main
 
-        return demo_main(args.port)
+        return demo_main(args.port, with_fake=args.with_fake, fake_only=args.fake_only)
     if args.command == "version":
         print(f"sluice {__version__}")
         return 0

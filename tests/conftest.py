@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvloop
@@ -14,7 +15,40 @@ from sluice.app import Gateway
 from sluice.config import SluiceConfig
 from sluice.testing.fake_vllm import FakeVLLM, FakeVLLMSettings, start_fake_vllm
 
+if TYPE_CHECKING:
+    pass
+
 API_KEY = "sk-test-0123456789"
+ENGINE = pytest.StashKey["EngineSession"]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real-engine tests run last, so everything else runs while the engine boots."""
+    items.sort(key=lambda item: "real_engine" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    from tests.e2e.engine_session import EngineSession
+
+    engine = EngineSession()
+    session.config.stash[ENGINE] = engine
+    if any("real_engine" in item.fixturenames for item in session.items):
+        engine.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    engine = session.config.stash.get(ENGINE, None)
+    if engine is not None:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def real_engine(request: pytest.FixtureRequest) -> str:
+    """The URL of the session's real vLLM engine, once it is healthy."""
+    engine = request.config.stash[ENGINE]
+    if engine.problem and os.environ.get("SLUICE_REQUIRE_ENGINE") != "1":
+        pytest.skip(engine.problem)
+    return engine.wait()
 
 
 def pytest_asyncio_loop_factories(
