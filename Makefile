@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT   ?= 8080
 
-.PHONY: demo test test-fast engine lint typecheck unit bench system-deps clean
+.PHONY: demo test test-fast engine lint typecheck unit bench bench-affinity system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
@@ -51,6 +51,10 @@ system-deps:
 bench: $(STAMP) system-deps
 	@$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Round robin vs prefix-cache affinity on two real engines (about 12 GB of RAM, several minutes).
+bench-affinity: $(STAMP) engine
+	$(BIN)/python -m bench.affinity $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis data/demo

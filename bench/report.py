@@ -27,6 +27,7 @@ SECTIONS = {
     "core": "## Non-streaming: direct vs Sluice vs nginx",
     "streams": "## Streaming: 100 concurrent streams",
     "stacks": "## HTTP stack study",
+    "affinity": "## Prefix-cache affinity on real vLLM: round_robin vs affinity",
 }
 LABELS = {
     "direct": "direct (no proxy)",
