@@ -23,6 +23,7 @@ from sluice.engine.info import EngineInfo, info_path, load_engine_info, missing_
 from sluice.engine.launch import DEFAULT_PORT, engine_url, start_engine, stop_engine, wait_healthy
 from sluice.engine.prepare import PrepareOptions, prepare, summary
 from sluice.engine.progress import Progress, format_seconds
+from sluice.engine.sessions import signal_group
 
 DEFAULT_DATA_DIR = Path("data/engine")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -142,7 +143,7 @@ def _detached(
     print(f"log: {log_path}", file=sys.stderr)
     if args.wait:
         try:
-            _wait(url, args.timeout, process)
+            _wait(url, args.timeout, process, dots=True)
         except EngineError as exc:
             stop_engine(process)
             runs.forget(data_dir, args.port, process.pid)
@@ -154,13 +155,13 @@ def _detached(
 
 def _foreground(process: subprocess.Popen[bytes], data_dir: Path, args: argparse.Namespace, url: str) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
-        runs.signal_group(process.pid, signal.Signals(signum))
+        signal_group(process.pid, signal.Signals(signum))
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         if args.wait:
             try:
-                _wait(url, args.timeout, process)
+                _wait(url, args.timeout, process, dots=False)
             except EngineError as exc:
                 print(f"sluice engine: {exc}", file=sys.stderr)
                 stop_engine(process)
@@ -173,10 +174,11 @@ def _foreground(process: subprocess.Popen[bytes], data_dir: Path, args: argparse
         runs.forget(data_dir, args.port, process.pid)
 
 
-def _wait(url: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
-    progress = Progress(total=1)
+def _wait(url: str, timeout: float, process: subprocess.Popen[bytes], dots: bool) -> None:
+    """Wait for /health; dots only when vLLM's own log is not on the terminal already."""
+    progress = Progress(total=0)
     progress.step(f"waiting for {url}/health (about a minute; timeout {timeout:.0f} s)")
-    wait_healthy(url, timeout, process=process, on_tick=_every(5.0, progress.tick))
+    wait_healthy(url, timeout, process=process, on_tick=_every(5.0, progress.tick) if dots else None)
     progress.done(f"ready at {url}")
 
 

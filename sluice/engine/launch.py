@@ -13,11 +13,9 @@ its engine-core child together. `--enforce-eager` avoids a minute of graph compi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from sluice.engine.errors import EngineError
 from sluice.engine.info import EngineInfo, load_engine_info, missing_files
 from sluice.engine.procs import venv_env
+from sluice.engine.sessions import terminate_group
 
 __all__ = [
     "DEFAULT_PORT",
@@ -199,17 +198,6 @@ def wait_healthy(
 
 
 def stop_engine(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
-    """Stop an engine started by `start_engine` (SIGTERM to its session, SIGKILL after `timeout`)."""
-    if process.poll() is None:
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-    _signal_group(process.pid, signal.SIGKILL)  # the engine-core child may outlive its parent
+    """Stop an engine started by `start_engine`: SIGTERM to its whole session, SIGKILL after `timeout` s."""
+    terminate_group(process.pid, timeout)
     return process.wait()
-
-
-def _signal_group(pid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)

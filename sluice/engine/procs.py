@@ -8,6 +8,7 @@ error messages point to.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shlex
 import subprocess
@@ -108,5 +109,8 @@ def failure_reason(finished: Finished) -> str:
     """The most telling line of a failed command's output: pip's `ERROR:` lines, else the last line."""
     errors = [line.removeprefix("ERROR: ").strip() for line in finished.tail if line.startswith("ERROR:")]
     if errors:
-        return " ".join(errors[:3])
-    return finished.tail[-1].strip() if finished.tail else f"exit code {finished.returncode}"
+        reason = " ".join(errors[:3])
+    else:
+        reason = finished.tail[-1].strip() if finished.tail else f"exit code {finished.returncode}"
+    reason = re.sub(r"\s*\(from versions: [^)]*\)", "", reason)
+    return reason if len(reason) <= 300 else reason[:297] + "..."

@@ -19,7 +19,7 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Prints `[i/n] title …`, then `done in …` or `already there` when the step ends."""
+    """Prints `[i/n] title …` (unnumbered when `total` is 0), then `done in …` or why there was nothing to do."""
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self._total = total
@@ -33,7 +33,8 @@ class Progress:
         self._index += 1
         self._step_started = time.monotonic()
         self._dots = 0
-        self._write(f"[{self._index}/{self._total}] {title} …\n")
+        number = f"[{self._index}/{self._total}] " if self._total > 0 else ""
+        self._write(f"{number}{title} …\n")
 
     def note(self, message: str) -> None:
         self._end_dots()

@@ -6,12 +6,10 @@ only trusted while `/proc/<pid>/cmdline` still names vLLM's server, so a reused 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sluice.engine.sessions import terminate_group
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -73,19 +71,12 @@ def runs(data_dir: Path) -> list[EngineRun]:
 
 
 def stop(run: EngineRun, timeout: float = 30.0) -> bool:
-    """SIGTERM the run's session, SIGKILL after `timeout`; remove its pid file. False if it was not running."""
+    """Stop the run's whole session (SIGTERM, SIGKILL after `timeout`); remove its pid file.
+
+    False if it was not running.
+    """
     was_alive = run.alive and is_engine(run.pid)
     if was_alive:
-        signal_group(run.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while is_engine(run.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        signal_group(run.pid, signal.SIGKILL)
+        terminate_group(run.pid, timeout)
     run.pid_file.unlink(missing_ok=True)
     return was_alive
-
-
-def signal_group(pid: int, signum: signal.Signals) -> None:
-    """Signal the session that `pid` leads (the API server and its engine-core child); gone is fine."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)
