@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: $(STAMP) engine
+demo: $(STAMP)
+	@case "$(DEMO_ARGS)" in *--fake-only*) ;; *) $(BIN)/sluice engine prepare ;; esac
 	@$(BIN)/sluice demo --port $(PORT) $(DEMO_ARGS)
 
 lint: $(STAMP)

@@ -109,7 +109,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _require_info(data_dir: Path) -> EngineInfo:
     info = load_engine_info(data_dir.absolute())
     if info is None:
-        raise EngineError(f"no prepared engine in {data_dir}: run `sluice engine prepare` first (about 5 minutes)")
+        raise EngineError(f"no prepared engine in {data_dir}: run `sluice engine prepare` first (about 4 minutes)")
     return info
 
 
