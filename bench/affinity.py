@@ -2,11 +2,11 @@
 
 Two real vLLM instances (the prepared local engine, one per CPU) behind the gateway, once with
 `routing.strategy: round_robin` and once with `affinity`. The workload is chat requests that share one of
-a dozen long system prompts (about 1,500 tokens each, each used four times, shuffled), followed by a
+16 long system prompts (about 1,500 tokens each, each used three times, shuffled), followed by a
 short question. vLLM keeps the KV cache of a prompt prefix it has seen (prefix caching is on by
 default), so a request whose system prompt the chosen engine already holds skips most of its prefill;
 affinity sends all requests of one prompt to the same engine, round robin spreads them. Time to first
-token is measured per request on a stream, with two requests in flight per engine. Each strategy gets
+token is measured per request on a stream, with two requests in flight in all. Each strategy gets
 fresh prompts, so neither starts with a warm cache.
 """
 
@@ -141,10 +141,10 @@ def markdown(results: list[Result], prompts: int, uses: int, concurrency: int) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.affinity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--uses", type=int, default=4)
-    parser.add_argument("--words", type=int, default=1150, help="words per system prompt (about 1.3 tokens each)")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--uses", type=int, default=3)
+    parser.add_argument("--words", type=int, default=1450, help="words per system prompt (about 1 token each)")
+    parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data" / "engine")
     args = parser.parse_args(argv)
