@@ -28,6 +28,7 @@ from sluice.pipeline.ingress import IngressStage
 from sluice.pipeline.parse import ParseStage
 from sluice.routes import PATHS, LocalRoutes
 from sluice.upstream.backends import Backend, Backends
+from sluice.upstream.breaker import CircuitBreaker, State
 from sluice.upstream.monitor import BackendMonitor
 from sluice.upstream.pool import ConnectionPool
 from sluice.upstream.scraper import LoadScraper
@@ -57,6 +58,9 @@ class Gateway:
             for b in config.backends
         )
         self.metrics.watch_backends(self.backends)
+        if config.breaker.enabled:
+            for backend in self.backends.all:
+                backend.breaker = CircuitBreaker(backend.name, config.breaker, time.monotonic, self._circuit_changed)
         self.monitor = BackendMonitor(self.backends, config.health)
         self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
@@ -86,6 +90,10 @@ class Gateway:
         )
         self._ids = RequestIds()
         self._server: asyncio.Server | None = None
+
+    def _circuit_changed(self, backend: str, state: State) -> None:
+        self.backends.circuit_changed()
+        self.metrics.circuit_transitions.child(backend, state.name.lower()).inc()
 
     def handle(self, request: HttpRequest, writer: ResponseWriter) -> Awaitable[None]:
         return self._chain(RequestContext(request, writer, time.perf_counter()))

@@ -104,6 +104,16 @@ class RoutingConfig(Section):
     retry_after: int = Field(5, ge=1, le=3600)
 
 
+class BreakerConfig(Section):
+    enabled: bool = True
+    failure_threshold: int = Field(5, ge=1)
+    recovery_timeout: PositiveSeconds = 30.0
+    half_open_max_tries: int = Field(3, ge=1)
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    window: PositiveSeconds = 30.0
+    min_requests: int = Field(20, ge=1)
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -118,6 +128,7 @@ class SluiceConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     health: HealthConfig = HealthConfig()
     routing: RoutingConfig = RoutingConfig()
+    breaker: BreakerConfig = BreakerConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -46,6 +46,7 @@ class RequestContext:
         "route",
         "started",
         "stream",
+        "stream_cut",
         "tpot",
         "ttft",
         "usage",
@@ -62,6 +63,7 @@ class RequestContext:
         self.model = ""
         self.stream = False
         self.include_usage = False  # the client asked for the usage chunk
+        self.stream_cut = False  # the backend failed after the stream had started
         self.principal: Principal | None = None
         self.backend = ""
         self.attempts = 0

@@ -49,6 +49,10 @@ class GatewayMetrics:
             "sluice_upstream_retries", "Requests retried on another backend, by the backend that failed and why.",
             ["backend", "reason"],
         )
+        self.circuit_transitions = Counter(
+            "sluice_circuit_transitions", "Circuit breaker state changes, by backend and new state.",
+            ["backend", "state"],
+        )
         self.stream_errors = Counter(
             "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
             ["backend"],
@@ -71,7 +75,9 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
-        yield from collect_all([m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors])
+        yield from collect_all(
+            [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions]
+        )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         up = GaugeMetricFamily("sluice_backend_up", "1 if the backend passes health checks.", labels=["backend"])
         load = GaugeMetricFamily(
@@ -96,9 +102,15 @@ class _StateCollector(Collector):
             "sluice_backend_scrape_age_seconds", "Seconds since the engine's /metrics were last read.",
             labels=["backend"],
         )
+        circuit = GaugeMetricFamily(
+            "sluice_backend_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            labels=["backend"],
+        )
         now = time.monotonic()
         for backend in self._backends.all:
             up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
+            if backend.breaker is not None:
+                circuit.add_metric([backend.name], int(backend.breaker.state))
             if backend.scraped_at:
                 running.add_metric([backend.name], backend.reported_running)
                 waiting.add_metric([backend.name], backend.reported_waiting)
@@ -106,4 +118,4 @@ class _StateCollector(Collector):
                 age.add_metric([backend.name], now - backend.scraped_at)
             load.add_metric([backend.name], backend.in_flight)
             models.add_metric([backend.name], len(backend.models))
-        yield from (up, load, models, running, waiting, kv, age)
+        yield from (up, load, models, running, waiting, kv, age, circuit)

@@ -54,7 +54,7 @@ class Dispatcher:
         self._retry_after = (("retry-after", str(routing.retry_after)),)
 
     async def __call__(self, ctx: RequestContext) -> None:
-        candidates = await self._candidates(ctx.model)
+        candidates = self._closed_circuits(await self._candidates(ctx.model))
         head = self._head(ctx)
         tried: list[Backend] = []
         failure: GatewayError | None = None
@@ -68,20 +68,38 @@ class Dispatcher:
             ctx.backend = backend.name
             ctx.attempts += 1
             backend.in_flight += 1
+            breaker = backend.breaker
+            if breaker is not None:
+                breaker.on_attempt()
+            outcome: bool | None = None
             try:
                 failure = await self._exchange(ctx, backend, head)
+                outcome = failure is None and not ctx.stream_cut
             finally:
                 backend.in_flight -= 1
+                if breaker is not None:
+                    breaker.abandon() if outcome is None else breaker.record(outcome)
             if failure is None:
                 return
             log.warning(
                 "backend attempt failed",
                 extra={"request_id": ctx.request_id, "backend": backend.name, "error": failure.message},
             )
-            candidates = self._backends.serving(ctx.model)
+            candidates = self._closed_circuits(self._backends.serving(ctx.model))
         raise failure or NoHealthyBackend(
             f"No healthy backend serves '{ctx.model}' right now; retry later.", headers=self._retry_after
         )
+
+    def _closed_circuits(self, candidates: tuple[Backend, ...]) -> tuple[Backend, ...]:
+        """Drop backends whose circuit rejects requests now, unless that would drop them all.
+
+        With no fallback model to turn to, cutting a model off completely cannot help its clients, so
+        when every backend serving it is open they all stay candidates (the breaker never opens the last).
+        """
+        if not self._backends.circuits_not_closed:
+            return candidates
+        usable = tuple(b for b in candidates if b.breaker is None or b.breaker.available())
+        return usable or candidates
 
     async def _candidates(self, model: str) -> tuple[Backend, ...]:
         candidates = self._backends.serving(model)
@@ -187,6 +205,7 @@ class Dispatcher:
             self._metrics.stream_errors.child(ctx.backend).inc()
             log.warning("stream cut", extra={"request_id": ctx.request_id, "backend": ctx.backend, "error": str(exc)})
             relay.fail(f"The backend stream was interrupted ({exc}); the answer is incomplete.")
+            ctx.stream_cut = True
             return
         finally:
             writer.set_flow(None)

@@ -10,12 +10,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from sluice.config import BackendConfig
+from sluice.upstream.breaker import CircuitBreaker
 from sluice.upstream.pool import ConnectionPool
 
 
 class Backend:
     __slots__ = (
         "auth_header",
+        "breaker",
         "config",
         "failures",
         "healthy",
@@ -39,6 +41,7 @@ class Backend:
         self.name = config.name
         self.weight = config.weight
         self.pool = pool
+        self.breaker: CircuitBreaker | None = None
         self.healthy = False
         self.in_flight = 0
         self.failures = 0
@@ -73,6 +76,7 @@ class Backend:
             "healthy": self.healthy,
             "models": sorted(self.models),
             "in_flight": self.in_flight,
+            "circuit": self.breaker.state.name.lower() if self.breaker else "disabled",
             "last_error": self.last_error,
         }
 
@@ -83,7 +87,11 @@ class Backends:
         self.by_name = {b.name: b for b in self.all}
         self._serving: dict[str, tuple[Backend, ...]] = {}
         self._known: frozenset[str] = frozenset()
+        self.circuits_not_closed = 0  # kept by `circuit_changed`; 0 lets routing skip the breakers
         self.rebuild()
+
+    def circuit_changed(self) -> None:
+        self.circuits_not_closed = sum(1 for b in self.all if b.breaker is not None and b.breaker.state)
 
     def rebuild(self) -> None:
         serving: dict[str, list[Backend]] = {}

@@ -183,3 +183,31 @@ async def test_engine_reported_load_is_scraped_used_and_exported(fake: StartFake
         assert idle.stats.completed == 5
         for request in pending:
             (await request).close()
+
+
+async def test_circuit_opens_on_failures_moves_traffic_and_closes_after_probes(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    flaky, steady = await fake("base", fail="500"), await fake("base")
+    breaker = {"failure_threshold": 3, "recovery_timeout": 0.5, "half_open_max_tries": 2}
+    gw = await gateway([flaky, steady], breaker=breaker, routing={"strategy": "round_robin", "retries": 1})
+    for _ in range(12):
+        assert (await post(gw.url, CHAT))[0] == 200  # the retry hides every failure from the client
+    assert flaky.stats.requests_total == 3  # then the open circuit kept requests away from it
+    metrics = gw.metrics.render().decode()
+    assert 'sluice_backend_circuit_state{backend="b0"} 2.0' in metrics
+    assert 'sluice_circuit_transitions_total{backend="b0",state="open"} 1.0' in metrics
+    flaky.settings.fail = None  # the backend recovers
+    await asyncio.sleep(0.6)
+    for _ in range(6):
+        assert (await post(gw.url, CHAT))[0] == 200
+    assert gw.backends.by_name["b0"].breaker.state == 0  # type: ignore[union-attr]
+    assert flaky.stats.completed >= 2  # the probes, then normal traffic again
+
+
+async def test_an_open_circuit_never_cuts_a_model_off(fake: StartFake, gateway: StartGateway) -> None:
+    only = await fake("base", fail="503")
+    gw = await gateway([only], breaker={"failure_threshold": 2, "recovery_timeout": 60})
+    statuses = [(await post(gw.url, CHAT))[0] for _ in range(4)]
+    assert statuses == [502] * 4  # the backend's own errors, not a gateway-made 503
+    assert only.stats.requests_total == 4  # still tried: with no other backend, rejecting cannot help
