@@ -102,6 +102,15 @@ class RoutingConfig(Section):
     affinity_prefix_chars: int = Field(1024, ge=16, le=1_000_000)
     retries: int = Field(1, ge=0, le=5)
     retry_after: int = Field(5, ge=1, le=3600)
+    fallbacks: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _no_self_fallback(cls, fallbacks: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for model, chain in fallbacks.items():
+            if model in chain:
+                raise ValueError(f"model {model!r} lists itself as its own fallback")
+        return fallbacks
 
 
 class BreakerConfig(Section):

@@ -44,6 +44,7 @@ class RequestContext:
         "principal",
         "request",
         "route",
+        "served_model",
         "started",
         "stream",
         "stream_cut",
@@ -61,6 +62,7 @@ class RequestContext:
         self.body: dict[str, Any] | None = None
         self.payload: bytes = request.body  # what is sent upstream (the body, possibly rewritten)
         self.model = ""
+        self.served_model = ""  # the fallback model that answered instead, if any
         self.stream = False
         self.include_usage = False  # the client asked for the usage chunk
         self.stream_cut = False  # the backend failed after the stream had started

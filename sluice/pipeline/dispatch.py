@@ -54,7 +54,12 @@ class Dispatcher:
         self._retry_after = (("retry-after", str(routing.retry_after)),)
 
     async def __call__(self, ctx: RequestContext) -> None:
-        candidates = self._closed_circuits(await self._candidates(ctx.model))
+        candidates = await self._candidates(ctx.model)
+        candidates = self._closed_circuits(candidates) or self._fallback(ctx) or candidates
+        if not candidates:
+            chain = ", ".join((ctx.model, *self._routing.fallbacks.get(ctx.model, ())))
+            raise NoHealthyBackend(f"No healthy backend serves {chain} right now; retry later.",
+                                   headers=self._retry_after)
         head = self._head(ctx)
         tried: list[Backend] = []
         failure: GatewayError | None = None
@@ -85,25 +90,36 @@ class Dispatcher:
                 "backend attempt failed",
                 extra={"request_id": ctx.request_id, "backend": backend.name, "error": failure.message},
             )
-            candidates = self._closed_circuits(self._backends.serving(ctx.model))
+            candidates = self._closed_circuits(self._backends.serving(ctx.served_model or ctx.model)) or candidates
         raise failure or NoHealthyBackend(
             f"No healthy backend serves '{ctx.model}' right now; retry later.", headers=self._retry_after
         )
 
     def _closed_circuits(self, candidates: tuple[Backend, ...]) -> tuple[Backend, ...]:
-        """Drop backends whose circuit rejects requests now, unless that would drop them all.
-
-        With no fallback model to turn to, cutting a model off completely cannot help its clients, so
-        when every backend serving it is open they all stay candidates (the breaker never opens the last).
-        """
+        """The candidates whose circuit lets requests through now (empty when every one is open)."""
         if not self._backends.circuits_not_closed:
             return candidates
-        usable = tuple(b for b in candidates if b.breaker is None or b.breaker.available())
-        return usable or candidates
+        return tuple(b for b in candidates if b.breaker is None or b.breaker.available())
+
+    def _fallback(self, ctx: RequestContext) -> tuple[Backend, ...]:
+        """Backends of the first fallback model that can serve now; the request is rewritten for it.
+
+        Used when every backend of the requested model is down or open. With no usable fallback the
+        caller keeps the model's own (open) backends: a breaker never cuts a model off completely.
+        """
+        for model in self._routing.fallbacks.get(ctx.model, ()):
+            usable = self._closed_circuits(self._backends.serving(model))
+            if usable:
+                assert ctx.body is not None
+                ctx.body["model"] = model
+                ctx.payload = orjson.dumps(ctx.body)
+                ctx.served_model = model
+                return usable
+        return ()
 
     async def _candidates(self, model: str) -> tuple[Backend, ...]:
         candidates = self._backends.serving(model)
-        if candidates:
+        if candidates or self._routing.fallbacks.get(model):
             return candidates
         if not self._backends.knows(model):
             await self._monitor.rediscover()  # an adapter may have been loaded since the last look
@@ -187,11 +203,11 @@ class Dispatcher:
             ctx.usage = _usage(body)
         elif exchange.status == 404:
             self._monitor.request_rediscovery()  # the backend no longer serves it: refresh the index
-        ctx.writer.send(exchange.status, body)
+        ctx.writer.send(exchange.status, body, headers=(("x-sluice-model", ctx.served_model or ctx.model),))
 
     async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:
         writer = ctx.writer
-        writer.start(exchange.status, EVENT_STREAM)
+        writer.start(exchange.status, EVENT_STREAM, (("x-sluice-model", ctx.served_model or ctx.model),))
         exchange.set_timeout(self._timeouts.stream_read)
         relay = StreamRelay(ctx, writer)
         for part in exchange.body:  # arrived together with the headers

@@ -73,6 +73,7 @@ class ErrorsStage:
                     "path": ctx.request.path,
                     "status": status,
                     "model": ctx.model or None,
+                    "served_model": ctx.served_model or None,
                     "backend": ctx.backend or None,
                     "key": ctx.principal.name if ctx.principal else None,
                     "client_ip": ctx.request.client_ip,

@@ -211,3 +211,46 @@ async def test_an_open_circuit_never_cuts_a_model_off(fake: StartFake, gateway: 
     statuses = [(await post(gw.url, CHAT))[0] for _ in range(4)]
     assert statuses == [502] * 4  # the backend's own errors, not a gateway-made 503
     assert only.stats.requests_total == 4  # still tried: with no other backend, rejecting cannot help
+
+
+async def test_fallback_model_answers_when_the_adapter_has_no_healthy_backend(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    adapters, base = await fake("llama", loras=["medical"]), await fake("qwen")
+    gw = await gateway(
+        [adapters, base], health=SLOW_HEALTH, routing={"fallbacks": {"medical": ["llama", "qwen"]}}
+    )
+    body = {**CHAT, "model": "medical"}
+    status, headers, answer = await post(gw.url, body)
+    assert status == 200 and headers["X-Sluice-Model"] == "medical" and orjson.loads(answer)["model"] == "medical"
+    await adapters.close()  # the only backend with the adapter (and with llama) goes away
+    status, headers, answer = await post(gw.url, body)  # connect fails: backend marked down, retried
+    status, headers, answer = await post(gw.url, body)
+    assert status == 200
+    assert headers["X-Sluice-Model"] == "qwen" and orjson.loads(answer)["model"] == "qwen"
+    assert base.stats.last_request_body["model"] == "qwen"  # type: ignore[index]
+    async with aiohttp.ClientSession() as session, session.post(
+        gw.url + "/v1/chat/completions", json={**body, "stream": True}, headers=HEADERS
+    ) as response:
+        assert response.headers["X-Sluice-Model"] == "qwen"
+        assert b"[DONE]" in await response.read()
+
+
+async def test_fallback_on_open_circuit_and_a_friendly_error_at_the_end(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    failing, other = await fake("llama", fail="500"), await fake("qwen")
+    gw = await gateway(
+        [failing, other], breaker={"failure_threshold": 2, "recovery_timeout": 60},
+        routing={"retries": 0, "fallbacks": {"llama": ["qwen"]}},
+    )
+    llama = {**CHAT, "model": "llama"}
+    assert [(await post(gw.url, llama))[0] for _ in range(2)] == [502, 502]  # opens the circuit
+    status, headers, _ = await post(gw.url, llama)
+    assert status == 200 and headers["X-Sluice-Model"] == "qwen"
+    await other.close()
+    gw.backends.by_name["b1"].healthy = False
+    gw.backends.rebuild()
+    status, headers, answer = await post(gw.url, {**CHAT, "model": "qwen"})
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert "qwen" in orjson.loads(answer)["error"]["message"]
