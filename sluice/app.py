@@ -65,7 +65,7 @@ class Gateway:
         self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
         dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing)
-        local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after)
+        local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after, lambda: self.draining)
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
@@ -89,6 +89,9 @@ class Gateway:
             keepalive_timeout=timeouts.client_keepalive,
         )
         self._ids = RequestIds()
+        self._connections: set[HttpServerProtocol] = set()
+        self.draining = False
+        self.port = 0  # the bound port, once started
         self._server: asyncio.Server | None = None
 
     def _circuit_changed(self, backend: str, state: State) -> None:
@@ -105,7 +108,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
 
         def protocol() -> HttpServerProtocol:
-            return HttpServerProtocol(self.handle, self._settings, self._ids, self._deadlines)
+            return HttpServerProtocol(self.handle, self._settings, self._ids, self._deadlines, self._connections)
 
         server_config = self.config.server
         if sock is not None:
@@ -118,16 +121,28 @@ class Gateway:
                 backlog=server_config.backlog,
                 reuse_port=reuse_port or None,
             )
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
         return f"http://{self.config.server.host}:{self.port}"
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let requests in flight finish (up to `timeout`), close idle connections.
+
+        `/ready` answers 503 from the start, so a load balancer stops sending; True when everything in
+        flight finished in time.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        serving = [task for conn in list(self._connections) if (task := conn.drain()) is not None]
+        if not serving:
+            return True
+        _, pending = await asyncio.wait(
+            serving, timeout=self.config.server.drain_timeout if timeout is None else timeout
+        )
+        return not pending
 
     async def close(self) -> None:
         if self._server is not None:

@@ -25,6 +25,7 @@ class ServerConfig(Section):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
     backlog: int = Field(2048, ge=16)
+    drain_timeout: PositiveSeconds = 30.0
 
 
 class BackendConfig(Section):

@@ -41,7 +41,10 @@ LocalHandler = Callable[[RequestContext], Awaitable[None]]
 class LocalRoutes:
     """Handlers for the routes answered without a backend."""
 
-    def __init__(self, backends: Backends, metrics: GatewayMetrics, retry_after: int) -> None:
+    def __init__(
+        self, backends: Backends, metrics: GatewayMetrics, retry_after: int, draining: Callable[[], bool]
+    ) -> None:
+        self._draining = draining
         self._backends = backends
         self._metrics = metrics
         self._retry_after = (("retry-after", str(retry_after)),)
@@ -64,6 +67,8 @@ class LocalRoutes:
         ctx.writer.send(200, b'{"status":"ok"}')
 
     async def ready(self, ctx: RequestContext) -> None:
+        if self._draining():
+            raise NoHealthyBackend("The gateway is shutting down.", headers=self._retry_after)
         healthy = [b.name for b in self._backends.all if b.healthy]
         if not healthy:
             raise NoHealthyBackend("No backend is healthy yet.", headers=self._retry_after)

@@ -57,7 +57,9 @@ async def _worker(config: SluiceConfig, reuse_port: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("sluice stopping", extra={"pid": os.getpid()})
+    log.info("sluice draining", extra={"pid": os.getpid(), "timeout_s": config.server.drain_timeout})
+    finished = await gateway.drain()
+    log.info("sluice stopping", extra={"pid": os.getpid(), "drained": finished})
     await gateway.close()
     return 0
 

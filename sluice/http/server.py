@@ -67,8 +67,16 @@ class RequestIds:
 
 
 class HttpServerProtocol(asyncio.Protocol):
-    def __init__(self, handler: Handler, settings: ServerSettings, ids: RequestIds, deadlines: Deadlines) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        settings: ServerSettings,
+        ids: RequestIds,
+        deadlines: Deadlines,
+        connections: set[HttpServerProtocol],
+    ) -> None:
         self._handler = handler
+        self._connections = connections
         self._deadlines = deadlines
         self._settings = settings
         self._ids = ids
@@ -82,6 +90,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.deadline = 0.0  # loop time when `_on_deadline` runs; checked by the Deadlines sweeper
         self._on_deadline: Callable[[], None] | None = None
         self._stopped = False  # no more requests are read from this connection
+        self._draining = False  # finish what was received, then close
         self._reading_paused = False
         self._writing_paused = False
         self._lingering = False
@@ -104,6 +113,7 @@ class HttpServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._client_ip = peer[0] if isinstance(peer, tuple) else ""
         self._deadlines.add(self)
+        self._connections.add(self)
         self._arm(self._settings.keepalive_timeout, self._idle_timeout)
         self._task = self._loop.create_task(self._serve())
 
@@ -122,6 +132,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._stopped = True
         self._disarm()
         self._deadlines.discard(self)
+        self._connections.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -222,12 +233,12 @@ class HttpServerProtocol(asyncio.Protocol):
                 if isinstance(item, Refusal):
                     self._send_refusal(item.error)
                     break
-                keep_alive = item.keep_alive and not (self._stopped and not self._queue)
+                keep_alive = item.keep_alive and not self._draining and not (self._stopped and not self._queue)
                 writer = ResponseWriter(self, self._request_id(item), keep_alive, item.http11)
                 self.writer = writer
                 await self._handler(item, writer)
                 self.writer = None
-                if not writer.keep_alive or self.closed:
+                if not writer.keep_alive or self.closed or (self._draining and not self._queue):
                     break
                 if not self._queue and not self._stopped:
                     self._arm(self._settings.keepalive_timeout, self._idle_timeout)
@@ -300,6 +311,18 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def _slow_client(self) -> None:
         self._refuse(RequestTimeout("The client sent the request too slowly."))
+
+    def drain(self) -> asyncio.Task[None] | None:
+        """Graceful shutdown: answer what was received (saying `connection: close`), then close.
+
+        Returns the connection's task to wait for, or None when it was idle and is closed already.
+        """
+        self._draining = True
+        if not self._queue and self.writer is None:
+            self._stopped = True
+            self._close()
+            return None
+        return self._task
 
     def _idle_timeout(self) -> None:
         if not self._queue and self.writer is None:

@@ -121,3 +121,44 @@ async def test_port_in_use_is_reported(tmp_path: Path) -> None:
     server.close()
     assert process.returncode == 1
     assert b"cannot listen" in stderr and b"Traceback" not in stderr
+
+
+async def test_sigterm_drains_streams_in_flight_then_exits(tmp_path: Path) -> None:
+    import aiohttp
+
+    from sluice.testing.fake_vllm import FakeVLLMSettings, start_fake_vllm
+
+    fake = await start_fake_vllm(FakeVLLMSettings(model="base", tokens=40, itl_ms=25))
+    port = free_port()
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}, drain_timeout: 10}}\n"
+        f"backends:\n  - {{name: a, url: '{fake.url}'}}\nauth:\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluice", "serve", "--config", str(config), stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/ready") as ready:
+                        if ready.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+            ) as response:
+                await response.content.readany()
+                process.send_signal(signal.SIGTERM)  # mid-stream
+                rest = await response.read()
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert fake.stats.completed == 1 and fake.stats.aborted == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await fake.close()

@@ -254,3 +254,31 @@ async def test_fallback_on_open_circuit_and_a_friendly_error_at_the_end(
     status, headers, answer = await post(gw.url, {**CHAT, "model": "qwen"})
     assert status == 503 and headers["Retry-After"] == "5"
     assert "qwen" in orjson.loads(answer)["error"]["message"]
+
+
+async def test_drain_lets_streams_finish_refuses_new_work_and_reports_not_ready(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    backend = await fake("base", tokens=30, itl_ms=20)
+    gw = await gateway([backend])
+    async with aiohttp.ClientSession() as session:
+        idle = await session.get(gw.url + "/health")  # leaves an idle keep-alive connection behind
+        idle.release()
+        response = await session.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=HEADERS)
+        await response.content.readany()
+        drained = asyncio.ensure_future(gw.drain(timeout=5))
+        await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as fresh:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await fresh.get(gw.url + "/ready")  # no longer accepting
+        body = await response.read()  # the stream in flight completes
+        assert body.rstrip().endswith(b"data: [DONE]")
+        assert await drained is True
+    assert backend.stats.completed == 1
+
+
+async def test_ready_is_503_while_draining(fake: StartFake, gateway: StartGateway) -> None:
+    gw = await gateway([await fake("base")])
+    gw.draining = True
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/ready") as response:
+        assert response.status == 503 and "shutting down" in (await response.json())["error"]["message"]
