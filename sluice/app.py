@@ -27,6 +27,7 @@ from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
 from sluice.pipeline.parse import ParseStage
 from sluice.routes import PATHS, LocalRoutes
+from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.breaker import CircuitBreaker, State
 from sluice.upstream.monitor import BackendMonitor
@@ -64,7 +65,9 @@ class Gateway:
         self.monitor = BackendMonitor(self.backends, config.health)
         self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
-        dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing)
+        self.admission = Admission(limits.queue_size, limits.queue_timeout, config.routing.retry_after)
+        self.metrics.queue_depth = lambda: self.admission.waiting
+        dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing, self.admission)
         local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after, lambda: self.draining)
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:

@@ -34,6 +34,7 @@ class BackendConfig(Section):
     weight: float = Field(1.0, gt=0, le=1000)
     api_key: str | None = None
     models: tuple[str, ...] = ()
+    max_concurrency: int | None = Field(None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -88,6 +89,8 @@ class LimitsConfig(Section):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     max_idle_upstream_connections: int = Field(512, ge=0)
+    queue_size: int = Field(1024, ge=0)
+    queue_timeout: PositiveSeconds = 10.0
 
 
 class HealthConfig(Section):

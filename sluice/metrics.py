@@ -8,7 +8,7 @@ collected at scrape time rather than updated on the request path.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,6 +58,7 @@ class GatewayMetrics:
             ["backend"],
         )
         self.in_flight = 0  # requests being handled now; exported at scrape time
+        self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
 
     def watch_backends(self, backends: Backends) -> None:
         self.registry.register(_StateCollector(self, backends))
@@ -79,6 +80,9 @@ class _StateCollector(Collector):
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
+        yield GaugeMetricFamily(
+            "sluice_queue_depth", "Requests waiting for a backend under its max_concurrency.", m.queue_depth()
+        )
         up = GaugeMetricFamily("sluice_backend_up", "1 if the backend passes health checks.", labels=["backend"])
         load = GaugeMetricFamily(
             "sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.", labels=["backend"]

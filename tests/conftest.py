@@ -100,11 +100,13 @@ async def gateway() -> AsyncIterator[StartGateway]:
     """Start in-process gateways over the given fakes: `await gateway([fake_a, fake_b], timeouts={...})`."""
     started: list[Gateway] = []
 
-    async def start(servers: list[FakeVLLM | str], **sections: Any) -> Gateway:
+    async def start(
+        servers: list[FakeVLLM | str], backends_extra: dict[str, Any] | None = None, **sections: Any
+    ) -> Gateway:
         backends = []
         for i, server in enumerate(servers):
             url = server if isinstance(server, str) else server.url
-            backends.append({"name": f"b{i}", "url": url})
+            backends.append({"name": f"b{i}", "url": url, **(backends_extra or {})})
         gw = Gateway(gateway_config(backends, **sections))
         await gw.start()
         started.append(gw)

@@ -18,6 +18,7 @@ from sluice.context import RequestContext
 from sluice.errors import GatewayError, ModelNotFound, NoHealthyBackend, UpstreamError, UpstreamTimeout
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.relay import StreamRelay
+from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.balancer import make_balancer
 from sluice.upstream.connection import Exchange, UpstreamConnection, UpstreamFailure, UpstreamTimeoutFailure
@@ -44,6 +45,7 @@ class Dispatcher:
         metrics: GatewayMetrics,
         timeouts: TimeoutsConfig,
         routing: RoutingConfig,
+        admission: Admission,
     ) -> None:
         self._backends = backends
         self._monitor = monitor
@@ -51,6 +53,8 @@ class Dispatcher:
         self._timeouts = timeouts
         self._routing = routing
         self._balancer = make_balancer(routing)
+        self._admission = admission
+        self._capped = any(b.max_concurrency is not None for b in backends.all)
         self._retry_after = (("retry-after", str(routing.retry_after)),)
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -60,6 +64,8 @@ class Dispatcher:
             chain = ", ".join((ctx.model, *self._routing.fallbacks.get(ctx.model, ())))
             raise NoHealthyBackend(f"No healthy backend serves {chain} right now; retry later.",
                                    headers=self._retry_after)
+        if self._capped:
+            candidates = await self._admission.wait_for_capacity(candidates)
         head = self._head(ctx)
         tried: list[Backend] = []
         failure: GatewayError | None = None
@@ -82,6 +88,8 @@ class Dispatcher:
                 outcome = failure is None and not ctx.stream_cut
             finally:
                 backend.in_flight -= 1
+                if self._capped:
+                    self._admission.released()
                 if breaker is not None:
                     breaker.abandon() if outcome is None else breaker.record(outcome)
             if failure is None:

@@ -24,6 +24,7 @@ class Backend:
         "host_header",
         "in_flight",
         "last_error",
+        "max_concurrency",
         "model_cards",
         "models",
         "name",
@@ -40,6 +41,7 @@ class Backend:
         self.config = config
         self.name = config.name
         self.weight = config.weight
+        self.max_concurrency = config.max_concurrency
         self.pool = pool
         self.breaker: CircuitBreaker | None = None
         self.healthy = False

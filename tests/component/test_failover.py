@@ -282,3 +282,27 @@ async def test_ready_is_503_while_draining(fake: StartFake, gateway: StartGatewa
     gw.draining = True
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/ready") as response:
         assert response.status == 503 and "shutting down" in (await response.json())["error"]["message"]
+
+
+async def test_load_shedding_refuses_fast_past_the_caps(fake: StartFake, gateway: StartGateway) -> None:
+    slow = await fake("base", ttft_ms=600)
+    gw = await gateway(
+        [slow], limits={"queue_size": 2, "queue_timeout": 0.2}, backends_extra={"max_concurrency": 2}
+    )
+    started = time.monotonic()
+    results = await asyncio.gather(*(post(gw.url, CHAT) for _ in range(6)))
+    elapsed = time.monotonic() - started
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200, 200, 503, 503, 503, 503]
+    refused = [(h, b) for s, h, b in results if s == 503]
+    assert all(h["Retry-After"] == "5" and orjson.loads(b)["error"]["code"] == "overloaded" for h, b in refused)
+    assert elapsed < 1.5  # nobody waited for the slow backend beyond the queue timeout
+    assert slow.stats.requests_total == 2
+
+
+async def test_queued_request_gets_the_next_free_slot(fake: StartFake, gateway: StartGateway) -> None:
+    backend = await fake("base", ttft_ms=200)
+    gw = await gateway([backend], limits={"queue_size": 4, "queue_timeout": 5}, backends_extra={"max_concurrency": 1})
+    results = await asyncio.gather(*(post(gw.url, CHAT) for _ in range(3)))
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    assert backend.stats.requests_total == 3 and backend.stats.waiting == 0
