@@ -108,6 +108,8 @@ class Gateway:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
         await self.monitor.start()
         await self.scraper.start()
+        for backend in self.backends.all:
+            self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
         loop = asyncio.get_running_loop()
 
         def protocol() -> HttpServerProtocol:

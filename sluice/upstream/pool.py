@@ -1,7 +1,8 @@
 """A bounded pool of keep-alive connections to one backend.
 
-Connections are reused most-recently-idle first and dropped once idle longer than the backend's own
-keep-alive (vLLM's uvicorn closes idle connections after 5 s; the default here is 4 s).
+Connections are reused most-recently-idle first and closed once idle longer than the backend's own
+keep-alive (vLLM's uvicorn closes idle connections after 5 s; the default here is 4 s) — lazily when a
+request looks for one, and by the Deadlines sweeper, so a burst's connections do not stay open after it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ class ConnectionPool:
             return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the Deadlines sweeper: close connections idle past `idle_timeout`, oldest first.
+
+        Idleness is kept in `time.monotonic()` rather than loop time, so it is read here afresh.
+        """
+        horizon = time.monotonic() - self.idle_timeout
+        idle = self._idle
+        while idle and (idle[0].closed or idle[0].idle_since < horizon):
+            idle.popleft().close()
 
     def forget(self, conn: UpstreamConnection) -> None:
         # Idle connections the backend closed are skipped lazily by `take_idle`; trim them when many pile up.
