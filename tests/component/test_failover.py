@@ -306,3 +306,30 @@ async def test_queued_request_gets_the_next_free_slot(fake: StartFake, gateway: 
     results = await asyncio.gather(*(post(gw.url, CHAT) for _ in range(3)))
     assert [status for status, _, _ in results] == [200, 200, 200]
     assert backend.stats.requests_total == 3 and backend.stats.waiting == 0
+
+
+async def test_affinity_keeps_sessions_and_prefixes_together_and_moves_them_when_down(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    backends = [await fake("base") for _ in range(3)]
+    gw = await gateway(backends, routing={"strategy": "affinity"}, health=SLOW_HEALTH)
+
+    def served_by() -> list[int]:
+        return [b.stats.requests_total for b in backends]
+
+    async def where(body: dict[str, object], headers: dict[str, str] | None = None) -> int:
+        before = served_by()
+        assert (await post(gw.url, body, headers))[0] == 200
+        return next(i for i, (a, b) in enumerate(zip(before, served_by(), strict=True)) if b > a)
+
+    system = {"role": "system", "content": "You are the support assistant of ACME. " * 40}
+    homes = {await where({**CHAT, "messages": [system, {"role": "user", "content": f"q{i}"}]}) for i in range(6)}
+    assert len(homes) == 1  # one shared system prompt, one backend (its prefix cache)
+    sessions = {await where(CHAT, {"X-Session-Id": "user-42"}) for _ in range(4)}
+    assert len(sessions) == 1
+    spread = {await where(CHAT, {"X-Session-Id": f"s{i}"}) for i in range(30)}
+    assert len(spread) == 3  # different keys use every backend
+    home = homes.pop()
+    await backends[home].close()  # the prefix's backend goes away
+    moved = {await where({**CHAT, "messages": [system, {"role": "user", "content": f"r{i}"}]}) for i in range(4)}
+    assert home not in moved and len(moved) == 1  # it moves, and stays together on its new home
