@@ -20,9 +20,9 @@ def signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of the group, from /proc."""
-    members: list[int] = []
+def process_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgrp) of every process, from /proc."""
+    table: list[tuple[int, str, int, int]] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -32,9 +32,14 @@ def group_members(pgid: int) -> list[int]:
             continue
         # "pid (comm) state ppid pgrp ..." — comm may hold spaces and parentheses, so split after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
+        if len(fields) > 2:
+            table.append((int(entry.name), fields[0], int(fields[1]), int(fields[2])))
+    return table
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the group."""
+    return [pid for pid, state, _ppid, pgrp in process_table() if state != "Z" and pgrp == pgid]
 
 
 def terminate_group(pgid: int, timeout: float = 30.0) -> bool:
