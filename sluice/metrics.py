@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sluice.instruments import Counter, Histogram, collect_all
-from sluice.upstream.backends import Backends
+from sluice.upstream.backends import Backend, Backends
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
@@ -67,6 +67,30 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
+def _scraped(read: Callable[[Backend], float]) -> Callable[[Backend, float], float | None]:
+    """A gauge that only exists once the engine's /metrics have been read."""
+    return lambda backend, _now: read(backend) if backend.scraped_at else None
+
+
+# Per-backend gauges read from live state at scrape time: (name, help, value or None to omit).
+BACKEND_GAUGES: tuple[tuple[str, str, Callable[[Backend, float], float | None]], ...] = (
+    ("sluice_backend_up", "1 if the backend passes health checks.", lambda b, _now: 1.0 if b.healthy else 0.0),
+    ("sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.",
+     lambda b, _now: b.in_flight),
+    ("sluice_backend_models", "Models (base and LoRA) the backend lists.", lambda b, _now: len(b.models)),
+    ("sluice_backend_requests_running", "Requests the engine reports running (vllm:num_requests_running).",
+     _scraped(lambda b: b.reported_running)),
+    ("sluice_backend_requests_waiting", "Requests the engine reports queued (vllm:num_requests_waiting).",
+     _scraped(lambda b: b.reported_waiting)),
+    ("sluice_backend_kv_cache_usage", "KV-cache use the engine reports, 0 to 1 (vllm:kv_cache_usage_perc).",
+     _scraped(lambda b: b.reported_kv_usage)),
+    ("sluice_backend_scrape_age_seconds", "Seconds since the engine's /metrics were last read.",
+     lambda b, now: now - b.scraped_at if b.scraped_at else None),
+    ("sluice_backend_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+     lambda b, _now: int(b.breaker.state) if b.breaker is not None else None),
+)  # fmt: skip
+
+
 class _StateCollector(Collector):
     """Gauges read from live state when Prometheus scrapes, so the request path updates nothing."""
 
@@ -83,43 +107,11 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "sluice_queue_depth", "Requests waiting for a backend under its max_concurrency.", m.queue_depth()
         )
-        up = GaugeMetricFamily("sluice_backend_up", "1 if the backend passes health checks.", labels=["backend"])
-        load = GaugeMetricFamily(
-            "sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.", labels=["backend"]
-        )
-        models = GaugeMetricFamily(
-            "sluice_backend_models", "Models (base and LoRA) the backend lists.", labels=["backend"]
-        )
-        running = GaugeMetricFamily(
-            "sluice_backend_requests_running", "Requests the engine reports running (vllm:num_requests_running).",
-            labels=["backend"],
-        )
-        waiting = GaugeMetricFamily(
-            "sluice_backend_requests_waiting", "Requests the engine reports queued (vllm:num_requests_waiting).",
-            labels=["backend"],
-        )
-        kv = GaugeMetricFamily(
-            "sluice_backend_kv_cache_usage", "KV-cache use the engine reports, 0 to 1 (vllm:kv_cache_usage_perc).",
-            labels=["backend"],
-        )
-        age = GaugeMetricFamily(
-            "sluice_backend_scrape_age_seconds", "Seconds since the engine's /metrics were last read.",
-            labels=["backend"],
-        )
-        circuit = GaugeMetricFamily(
-            "sluice_backend_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-            labels=["backend"],
-        )
         now = time.monotonic()
-        for backend in self._backends.all:
-            up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
-            if backend.breaker is not None:
-                circuit.add_metric([backend.name], int(backend.breaker.state))
-            if backend.scraped_at:
-                running.add_metric([backend.name], backend.reported_running)
-                waiting.add_metric([backend.name], backend.reported_waiting)
-                kv.add_metric([backend.name], backend.reported_kv_usage)
-                age.add_metric([backend.name], now - backend.scraped_at)
-            load.add_metric([backend.name], backend.in_flight)
-            models.add_metric([backend.name], len(backend.models))
-        yield from (up, load, models, running, waiting, kv, age, circuit)
+        for name, documentation, value in BACKEND_GAUGES:
+            family = GaugeMetricFamily(name, documentation, labels=["backend"])
+            for backend in self._backends.all:
+                sample = value(backend, now)
+                if sample is not None:
+                    family.add_metric([backend.name], sample)
+            yield family
