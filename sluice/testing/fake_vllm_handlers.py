@@ -13,6 +13,7 @@ scheduler slot at once, like vLLM aborting a request whose client went away.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from http import HTTPStatus
 
 from aiohttp import web
@@ -178,7 +179,7 @@ class InferenceHandlers:
         count, reason = plan_tokens(gen, knobs.tokens, knobs.tokens_forced, engine.settings.max_model_len)
         stop_at = min(late.after, count) if late is not None else count
         seq = engine.new_sequence(gen.model, gen.prompt_words)
-        response = web.Response()
+        response: web.StreamResponse = web.Response()
         outcome = Outcome.ABORTED
         try:
             await engine.admit(seq)
@@ -186,16 +187,9 @@ class InferenceHandlers:
                 await engine.token_due(seq, index, knobs)
             if late is not None:
                 outcome = Outcome.FAILED
-                if late.kind == "drop":
-                    await cut_connection(request, flush=False)
-                    return response
-                response = error_response(injected_error(500))
-            else:
-                text = "".join(token_texts(gen.prompt_text, count))
-                body = completion_body(gen, text, reason, count)
-                response = web.Response(body=body, content_type="application/json")
-            await response.prepare(request)
-            await response.write_eof()
+            response = await _answer_whole(
+                request, late, lambda: completion_body(gen, "".join(token_texts(gen.prompt_text, count)), reason, count)
+            )
             if late is None:
                 outcome = Outcome.COMPLETED
         except ConnectionError:
@@ -218,22 +212,14 @@ class InferenceHandlers:
             return error_response(err)
         late = knobs.fail if knobs.fail is not None and knobs.fail.kind in ("drop", "sse_error") else None
         seq = engine.new_sequence(req.model, split_words(" ".join(req.inputs)))
-        response = web.Response()
+        response: web.StreamResponse = web.Response()
         outcome = Outcome.ABORTED
         try:
             await engine.admit(seq)
             await engine.prefill(seq, knobs)
             if late is not None:
                 outcome = Outcome.FAILED
-                if late.kind == "drop":
-                    await cut_connection(request, flush=False)
-                    return response
-                response = error_response(injected_error(500))
-            else:
-                body = embedding_body(req, settings.embedding_dim)
-                response = web.Response(body=body, content_type="application/json")
-            await response.prepare(request)
-            await response.write_eof()
+            response = await _answer_whole(request, late, lambda: embedding_body(req, settings.embedding_dim))
             if late is None:
                 outcome = Outcome.COMPLETED
         except ConnectionError:
@@ -241,3 +227,19 @@ class InferenceHandlers:
         finally:
             engine.finish(seq, outcome, "stop")
         return response
+
+
+async def _answer_whole(
+    request: web.Request, late: FailMode | None, body: Callable[[], bytes]
+) -> web.StreamResponse:
+    """Send a non-streamed answer: the injected late failure (a cut connection or a 500), else `body()`."""
+    if late is not None and late.kind == "drop":
+        await cut_connection(request, flush=False)
+        return web.Response()
+    if late is not None:
+        response = error_response(injected_error(500))
+    else:
+        response = web.Response(body=body(), content_type="application/json")
+    await response.prepare(request)
+    await response.write_eof()
+    return response
