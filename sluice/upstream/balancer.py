@@ -33,49 +33,42 @@ class Balancer(Protocol):
     ) -> Backend | None: ...
 
 
-class LeastLoaded:
+class _Rotation:
+    """Candidates in an order that starts one further along on every pick, so ties are shared."""
+
     __slots__ = ("_turn",)
 
     def __init__(self) -> None:
         self._turn = 0
 
+    def _rotated(self, candidates: tuple[Backend, ...], exclude: Container[Backend]) -> list[Backend]:
+        self._turn += 1
+        n = len(candidates)
+        return [b for i in range(n) if (b := candidates[(self._turn + i) % n]) not in exclude]
+
+
+class LeastLoaded(_Rotation):
+    __slots__ = ()
+
     def pick(
         self, candidates: tuple[Backend, ...], exclude: Container[Backend] = (), ctx: RequestContext | None = None
     ) -> Backend | None:
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             only = candidates[0]
             return None if only in exclude else only
-        self._turn += 1
         now = time.monotonic()
-        best: Backend | None = None
-        best_score = 0.0
-        for i in range(n):
-            backend = candidates[(self._turn + i) % n]
-            if backend in exclude:
-                continue
-            score = (backend.load(now) + 1) / backend.weight
-            if best is None or score < best_score:
-                best, best_score = backend, score
-        return best
+        # min() keeps the first of equal scores, which the rotation moves along on every pick.
+        return min(self._rotated(candidates, exclude), key=lambda b: (b.load(now) + 1) / b.weight, default=None)
 
 
-class RoundRobin:
-    __slots__ = ("_turn",)
-
-    def __init__(self) -> None:
-        self._turn = 0
+class RoundRobin(_Rotation):
+    __slots__ = ()
 
     def pick(
         self, candidates: tuple[Backend, ...], exclude: Container[Backend] = (), ctx: RequestContext | None = None
     ) -> Backend | None:
-        n = len(candidates)
-        self._turn += 1
-        for i in range(n):
-            backend = candidates[(self._turn + i) % n]
-            if backend not in exclude:
-                return backend
-        return None
+        usable = self._rotated(candidates, exclude)
+        return usable[0] if usable else None
 
 
 class Affinity:
