@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Awaitable
 
-from sluice.config import SluiceConfig
+from sluice.config import BackendConfig, SluiceConfig
 from sluice.context import RequestContext
 from sluice.deadlines import Deadlines
 from sluice.http.request import HttpRequest
@@ -27,6 +27,7 @@ from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
 from sluice.pipeline.parse import ParseStage
 from sluice.routes import PATHS, LocalRoutes
+from sluice.upstream.adapters import AdapterPlacer
 from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.breaker import CircuitBreaker, State
@@ -44,30 +45,21 @@ class Gateway:
         timeouts, limits = config.timeouts, config.limits
         shortest = min(timeouts.model_dump().values())
         self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
-        self.backends = Backends(
-            Backend(
-                b,
-                ConnectionPool(
-                    b.host,
-                    b.port,
-                    connect_timeout=timeouts.connect,
-                    idle_timeout=timeouts.upstream_keepalive,
-                    max_idle=limits.max_idle_upstream_connections,
-                    deadlines=self._deadlines,
-                ),
-            )
-            for b in config.backends
-        )
+        self.backends = Backends(map(self._new_backend, config.backends), config.adapters.registry)
         self.metrics.watch_backends(self.backends)
-        if config.breaker.enabled:
-            for backend in self.backends.all:
-                backend.breaker = CircuitBreaker(backend.name, config.breaker, time.monotonic, self._circuit_changed)
         self.monitor = BackendMonitor(self.backends, config.health)
         self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
         self.admission = Admission(limits.queue_size, limits.queue_timeout, config.routing.retry_after)
         self.metrics.queue_depth = lambda: self.admission.waiting
-        dispatcher = Dispatcher(self.backends, self.monitor, self.metrics, timeouts, config.routing, self.admission)
+        self.placer = (
+            AdapterPlacer(self.backends, config.adapters, config.routing.retry_after, self.metrics.adapter_operations)
+            if config.adapters.registry
+            else None
+        )
+        dispatcher = Dispatcher(
+            self.backends, self.monitor, self.metrics, timeouts, config.routing, self.admission, self.placer
+        )
         local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after, lambda: self.draining)
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
@@ -97,6 +89,21 @@ class Gateway:
         self.port = 0  # the bound port, once started
         self._server: asyncio.Server | None = None
 
+    def _new_backend(self, backend: BackendConfig) -> Backend:
+        timeouts, limits = self.config.timeouts, self.config.limits
+        pool = ConnectionPool(
+            backend.host,
+            backend.port,
+            connect_timeout=timeouts.connect,
+            idle_timeout=timeouts.upstream_keepalive,
+            max_idle=limits.max_idle_upstream_connections,
+            deadlines=self._deadlines,
+        )
+        made = Backend(backend, pool)
+        if self.config.breaker.enabled:
+            made.breaker = CircuitBreaker(made.name, self.config.breaker, time.monotonic, self._circuit_changed)
+        return made
+
     def _circuit_changed(self, backend: str, state: State) -> None:
         self.backends.circuit_changed()
         self.metrics.circuit_transitions.child(backend, state.name.lower()).inc()
@@ -108,6 +115,8 @@ class Gateway:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
         await self.monitor.start()
         await self.scraper.start()
+        if self.placer is not None:
+            await self.placer.start()
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
         loop = asyncio.get_running_loop()
@@ -157,6 +166,8 @@ class Gateway:
             self.access_log.flush()
         await self.monitor.close()
         await self.scraper.close()
+        if self.placer is not None:
+            await self.placer.close()
         for backend in self.backends.all:
             backend.pool.close()
         if self._server is not None:

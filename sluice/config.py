@@ -35,6 +35,7 @@ class BackendConfig(Section):
     api_key: str | None = None
     models: tuple[str, ...] = ()
     max_concurrency: int | None = Field(None, ge=1)
+    max_loras: int | None = Field(None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -127,6 +128,27 @@ class BreakerConfig(Section):
     min_requests: int = Field(20, ge=1)
 
 
+class AdapterConfig(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str = Field(min_length=1)
+    base_model: str = Field(min_length=1)
+
+
+class AdaptersConfig(Section):
+    load_timeout: PositiveSeconds = 60.0
+    registry: tuple[AdapterConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> AdaptersConfig:
+        names = [a.name for a in self.registry]
+        if len(set(names)) != len(names):
+            raise ValueError("adapters.registry names must be unique")
+        clash = {a.name for a in self.registry} & {a.base_model for a in self.registry}
+        if clash:
+            raise ValueError(f"{sorted(clash)[0]!r} is both an adapter and a base model")
+        return self
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -142,6 +164,7 @@ class SluiceConfig(Section):
     health: HealthConfig = HealthConfig()
     routing: RoutingConfig = RoutingConfig()
     breaker: BreakerConfig = BreakerConfig()
+    adapters: AdaptersConfig = AdaptersConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

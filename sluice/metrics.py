@@ -57,6 +57,11 @@ class GatewayMetrics:
             "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
             ["backend"],
         )
+        self.adapter_operations = Counter(
+            "sluice_adapter_operations",
+            "Runtime LoRA loads and unloads the gateway made, by backend, adapter, operation and outcome.",
+            ["backend", "adapter", "operation", "outcome"],
+        )
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
 
@@ -101,7 +106,8 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
         yield from collect_all(
-            [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions]
+            [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
+             m.adapter_operations]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(

@@ -18,6 +18,7 @@ from sluice.context import RequestContext
 from sluice.errors import GatewayError, ModelNotFound, NoHealthyBackend, UpstreamError, UpstreamTimeout
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.relay import StreamRelay
+from sluice.upstream.adapters import AdapterPlacer
 from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.balancer import make_balancer
@@ -37,6 +38,10 @@ NOT_FORWARDED = frozenset(
 )
 
 
+class AdapterGone(UpstreamError):
+    """A backend answered 404 for a registered adapter: not its fault, so the breaker does not count it."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -46,6 +51,7 @@ class Dispatcher:
         timeouts: TimeoutsConfig,
         routing: RoutingConfig,
         admission: Admission,
+        placer: AdapterPlacer | None = None,
     ) -> None:
         self._backends = backends
         self._monitor = monitor
@@ -54,6 +60,8 @@ class Dispatcher:
         self._routing = routing
         self._balancer = make_balancer(routing)
         self._admission = admission
+        self._placer = placer
+        self._registry = backends.registry
         self._capped = any(b.max_concurrency is not None for b in backends.all)
         self._retry_after = (("retry-after", str(routing.retry_after)),)
 
@@ -79,15 +87,22 @@ class Dispatcher:
             ctx.backend = backend.name
             ctx.attempts += 1
             backend.in_flight += 1
+            model = ctx.served_model or ctx.model
+            adapter = model if model in self._registry else None
+            if adapter is not None:  # registered adapters in use are never unloaded to make room
+                backend.adapters_in_use[adapter] = backend.adapters_in_use.get(adapter, 0) + 1
+                backend.adapters_used_at[adapter] = ctx.started  # perf_counter, as in the placer
             breaker = backend.breaker
             if breaker is not None:
                 breaker.on_attempt()
             outcome: bool | None = None
             try:
                 failure = await self._exchange(ctx, backend, head)
-                outcome = failure is None and not ctx.stream_cut
+                outcome = None if isinstance(failure, AdapterGone) else failure is None and not ctx.stream_cut
             finally:
                 backend.in_flight -= 1
+                if adapter is not None:
+                    backend.adapters_in_use[adapter] -= 1
                 if self._capped:
                     self._admission.released()
                 if breaker is not None:
@@ -98,10 +113,28 @@ class Dispatcher:
                 "backend attempt failed",
                 extra={"request_id": ctx.request_id, "backend": backend.name, "error": failure.message},
             )
-            candidates = self._closed_circuits(self._backends.serving(ctx.served_model or ctx.model)) or candidates
+            if isinstance(failure, AdapterGone):
+                tried.remove(backend)  # it may serve the retry once the adapter is loaded again
+            candidates = await self._retry_candidates(model, candidates, tried)
         raise failure or NoHealthyBackend(
             f"No healthy backend serves '{ctx.model}' right now; retry later.", headers=self._retry_after
         )
+
+    async def _retry_candidates(
+        self, model: str, previous: tuple[Backend, ...], tried: list[Backend]
+    ) -> tuple[Backend, ...]:
+        """Where a retry may go: the model's usable backends now (loading an adapter anew if it has
+        none left), else the previous candidates; under concurrency caps only those with a free slot."""
+        fresh = self._closed_circuits(self._backends.serving(model))
+        if not fresh and self._placer is not None and model in self._registry:
+            try:
+                fresh = await self._placer.place(model)
+            except GatewayError:
+                fresh = ()
+        candidates = tuple(b for b in fresh or previous if b not in tried)
+        if self._capped and candidates:
+            candidates = await self._admission.wait_for_capacity(candidates)
+        return candidates
 
     def _closed_circuits(self, candidates: tuple[Backend, ...]) -> tuple[Backend, ...]:
         """The candidates whose circuit lets requests through now (empty when every one is open)."""
@@ -127,6 +160,13 @@ class Dispatcher:
 
     async def _candidates(self, model: str) -> tuple[Backend, ...]:
         candidates = self._backends.serving(model)
+        if self._placer is not None and model in self._registry and not self._closed_circuits(candidates):
+            try:
+                return await self._placer.place(model)  # load it where its base model runs
+            except GatewayError:
+                if self._routing.fallbacks.get(model):
+                    return candidates  # the fallback chain answers instead
+                raise
         if candidates or self._routing.fallbacks.get(model):
             return candidates
         if not self._backends.knows(model):
@@ -192,6 +232,10 @@ class Dispatcher:
                 return UpstreamTimeout(f"Backend {backend.name} did not answer in time ({exc}).")
             except UpstreamFailure as exc:
                 return UpstreamError(f"Backend {backend.name} failed: {exc}.")
+            model = ctx.served_model or ctx.model
+            if exchange.status == 404 and self._placer is not None and model in self._registry:
+                self._placer.forget(backend, model)  # unloaded behind our back (another replica, an operator)
+                return AdapterGone(f"Backend {backend.name} no longer has adapter '{model}' loaded.")
             if exchange.status >= 500:
                 return UpstreamError(
                     f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}"

@@ -2,6 +2,7 @@
 
 `Backends` keeps an index from model name (base model or LoRA adapter) to the backends that serve it,
 rebuilt only when discovery or health changes something, so routing a request is one dict lookup.
+Adapters of the registry (`adapters.registry`) are known models even while no backend has them loaded.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sluice.config import BackendConfig
+from sluice.config import AdapterConfig, BackendConfig
 from sluice.upstream.breaker import CircuitBreaker
 from sluice.upstream.pool import ConnectionPool
 
 
 class Backend:
     __slots__ = (
+        "adapters_in_use",
+        "adapters_used_at",
         "auth_header",
         "breaker",
         "config",
@@ -30,6 +33,7 @@ class Backend:
         "name",
         "pool",
         "reported_kv_usage",
+        "reported_max_loras",
         "reported_running",
         "reported_waiting",
         "scraped_at",
@@ -54,8 +58,12 @@ class Backend:
         self.reported_running = 0.0
         self.reported_waiting = 0.0
         self.reported_kv_usage = 0.0
+        self.reported_max_loras: int | None = None  # vllm:lora_requests_info{max_lora=...}
         self.scraped_at = 0.0
         self.stale_after = 0.0
+        # Registered adapters (see upstream/adapters.py) sent here: requests in flight and last use.
+        self.adapters_in_use: dict[str, int] = {}
+        self.adapters_used_at: dict[str, float] = {}
         self.host_header = f"host: {config.host}:{config.port}\r\n".encode()
         self.auth_header = f"authorization: Bearer {config.api_key}\r\n".encode() if config.api_key else b""
 
@@ -71,6 +79,11 @@ class Backend:
                 return reported
         return self.in_flight
 
+    @property
+    def max_loras(self) -> int | None:
+        """How many adapters may be resident: the configured `max_loras`, else what the engine reports."""
+        return self.config.max_loras or self.reported_max_loras
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -84,8 +97,9 @@ class Backend:
 
 
 class Backends:
-    def __init__(self, backends: Iterable[Backend]) -> None:
+    def __init__(self, backends: Iterable[Backend], registry: Iterable[AdapterConfig] = ()) -> None:
         self.all: tuple[Backend, ...] = tuple(backends)
+        self.registry = {adapter.name: adapter for adapter in registry}
         self.by_name = {b.name: b for b in self.all}
         self._serving: dict[str, tuple[Backend, ...]] = {}
         self._known: frozenset[str] = frozenset()
@@ -102,14 +116,14 @@ class Backends:
                 for model in backend.models:
                     serving.setdefault(model, []).append(backend)
         self._serving = {model: tuple(bs) for model, bs in serving.items()}
-        self._known = frozenset(m for b in self.all for m in b.models)
+        self._known = frozenset(m for b in self.all for m in b.models) | frozenset(self.registry)
 
     def serving(self, model: str) -> tuple[Backend, ...]:
         """Healthy backends that serve `model` (empty when none)."""
         return self._serving.get(model, ())
 
     def knows(self, model: str) -> bool:
-        """Whether any backend, healthy or not, has ever listed `model`."""
+        """Whether any backend, healthy or not, has ever listed `model`, or it is a registered adapter."""
         return model in self._known
 
     @property
@@ -127,4 +141,10 @@ class Backends:
                     cards[model] = backend.model_cards.get(model) or {
                         "id": model, "object": "model", "created": 0, "owned_by": "sluice",
                     }
+        for name, adapter in self.registry.items():  # loadable on demand wherever its base model runs
+            if name not in cards and adapter.base_model in self._serving:
+                cards[name] = {
+                    "id": name, "object": "model", "created": 0, "owned_by": "sluice",
+                    "root": name, "parent": adapter.base_model,
+                }
         return list(cards.values())

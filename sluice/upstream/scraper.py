@@ -2,9 +2,10 @@
 
 Every `health.scrape_interval` seconds each healthy backend's Prometheus page is fetched and four gauges
 are picked out: `vllm:num_requests_running`, `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc`
-(or the older `vllm:gpu_cache_usage_perc`). The page is large (every histogram of the engine), so it is
-scanned with one regular expression rather than parsed whole by prometheus-client's parser, which would
-hold the event loop for milliseconds per scrape. Values are summed over the engine's label sets (one per
+(or the older `vllm:gpu_cache_usage_perc`), plus the engine's `--max-loras` (for adapter placement) from
+`vllm:lora_requests_info`. The page is large (every histogram of the engine), so it is scanned with one
+regular expression rather than parsed whole by prometheus-client's parser, which would hold the event
+loop for milliseconds per scrape. Values are summed over the engine's label sets (one per
 model name and engine index). A scrape older than three intervals is stale and ignored by the balancer.
 """
 
@@ -25,6 +26,14 @@ GAUGE_LINE = re.compile(
     rb"(?:\{[^}]*\})? ([0-9.eE+-]+|NaN)\s*$",
     re.MULTILINE,
 )
+MAX_LORA = re.compile(rb'vllm:lora_requests_info\{[^}]*\bmax_lora="([0-9]+)"')
+
+
+def parse_max_loras(page: bytes) -> int | None:
+    """The engine's `--max-loras` from `vllm:lora_requests_info` (absent without `--enable-lora`)."""
+    start = page.find(b"\nvllm:lora_requests_info{")
+    match = MAX_LORA.match(page, start + 1) if start >= 0 else None
+    return int(match.group(1)) if match else None
 
 
 def parse_load(page: bytes) -> tuple[float, float, float] | None:
@@ -94,5 +103,6 @@ class LoadScraper:
         if load is None:
             return
         backend.reported_running, backend.reported_waiting, backend.reported_kv_usage = load
+        backend.reported_max_loras = parse_max_loras(page)
         backend.scraped_at = time.monotonic()
         backend.stale_after = backend.scraped_at + 3 * self._interval

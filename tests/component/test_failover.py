@@ -308,6 +308,23 @@ async def test_queued_request_gets_the_next_free_slot(fake: StartFake, gateway: 
     assert backend.stats.requests_total == 3 and backend.stats.waiting == 0
 
 
+async def test_a_retry_waits_for_a_free_slot_on_the_next_backend(fake: StartFake, gateway: StartGateway) -> None:
+    failing, slow = await fake("base", fail="500"), await fake("base", ttft_ms=600)
+    gw = await gateway(
+        [failing, slow], health=SLOW_HEALTH, limits={"queue_size": 4, "queue_timeout": 5},
+        backends_extra={"max_concurrency": 1},
+    )
+    first = asyncio.ensure_future(post(gw.url, CHAT))
+    await asyncio.sleep(0.2)
+    assert gw.backends.by_name["b1"].in_flight == 1  # on `slow`, directly or after `failing` answered 500
+    second = asyncio.ensure_future(post(gw.url, CHAT))
+    await asyncio.sleep(0.2)
+    assert gw.admission.waiting == 1  # failed on `failing`, queued for `slow` instead of exceeding its cap
+    assert gw.backends.by_name["b1"].in_flight == 1
+    assert [(await first)[0], (await second)[0]] == [200, 200]
+    assert slow.stats.completed == 2
+
+
 async def test_affinity_keeps_sessions_and_prefixes_together_and_moves_them_when_down(
     fake: StartFake, gateway: StartGateway
 ) -> None:

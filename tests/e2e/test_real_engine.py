@@ -14,8 +14,10 @@ import aiohttp
 import openai
 import pytest
 
+from sluice.engine.info import load_engine_info
 from sluice.sse import EventSplitter
 from tests.conftest import API_KEY, StartGateway
+from tests.e2e.engine_session import DATA_DIR
 
 MODELS = ("gemma-3-270m", "medical", "code")
 HEALTH = {"interval": 1, "timeout": 2, "discovery_interval": 30, "scrape_interval": 0.2}
@@ -129,3 +131,24 @@ async def test_queueing_in_the_engine_reaches_the_gateway_metrics(real_engine: s
         for r in responses:
             r.close()
     assert seen_waiting > 0
+
+
+async def test_registered_adapter_is_loaded_at_run_time(real_engine: str, gateway: StartGateway) -> None:
+    info = load_engine_info(DATA_DIR)
+    assert info is not None
+    registry = [{"name": "medical-rt", "path": str(info.adapters["medical"]), "base_model": "gemma-3-270m"}]
+    gw = await gateway([real_engine], health=HEALTH, adapters={"registry": registry})
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    try:
+        assert "medical-rt" in {m.id async for m in client.models.list()}  # loadable, so listed
+        answer = await client.chat.completions.create(
+            model="medical-rt", messages=[{"role": "user", "content": "hi"}], max_tokens=4  # type: ignore[list-item]
+        )
+        assert answer.model == "medical-rt"
+        assert gw.metrics.adapter_operations.child("b0", "medical-rt", "load", "ok").value == 1
+        async with aiohttp.ClientSession() as session, session.get(real_engine + "/v1/models") as response:
+            assert "medical-rt" in {card["id"] for card in (await response.json())["data"]}
+    finally:
+        await client.close()
+        async with aiohttp.ClientSession() as session:
+            await session.post(real_engine + "/v1/unload_lora_adapter", json={"lora_name": "medical-rt"})

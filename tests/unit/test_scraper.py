@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sluice.upstream.scraper import parse_load
+from sluice.upstream.scraper import parse_load, parse_max_loras
 
 PAGE = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -26,3 +26,12 @@ def test_older_cache_metric_name_and_missing_metrics() -> None:
     assert parse_load(old) == (0.0, 2.0, 0.9)
     assert parse_load(b"# nothing here\nother_metric 1\n") is None
     assert parse_load(b"vllm:num_requests_running NaN\n") is None
+
+
+def test_max_loras_is_read_from_the_lora_info_gauge() -> None:
+    page = PAGE + (
+        b"# TYPE vllm:lora_requests_info gauge\n"
+        b'vllm:lora_requests_info{max_lora="2",running_lora_adapters="medical",waiting_lora_adapters=""} 1.7e9\n'
+    )
+    assert parse_max_loras(page) == 2
+    assert parse_max_loras(PAGE) is None  # an engine started without --enable-lora
