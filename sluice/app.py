@@ -30,7 +30,7 @@ from sluice.routes import PATHS, LocalRoutes
 from sluice.upstream.adapters import AdapterPlacer
 from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
-from sluice.upstream.breaker import CircuitBreaker, State
+from sluice.upstream.breaker import CircuitBreaker
 from sluice.upstream.monitor import BackendMonitor
 from sluice.upstream.pool import ConnectionPool
 from sluice.upstream.scraper import LoadScraper
@@ -101,12 +101,14 @@ class Gateway:
         )
         made = Backend(backend, pool)
         if self.config.breaker.enabled:
-            made.breaker = CircuitBreaker(made.name, self.config.breaker, time.monotonic, self._circuit_changed)
+            settings, changed = self.config.breaker, self._circuit_changed
+            made.breaker = CircuitBreaker(made.name, settings, time.monotonic, changed)
+            made.new_model_breaker = lambda model: CircuitBreaker(made.name, settings, time.monotonic, changed, model)
         return made
 
-    def _circuit_changed(self, backend: str, state: State) -> None:
+    def _circuit_changed(self, breaker: CircuitBreaker) -> None:
         self.backends.circuit_changed()
-        self.metrics.circuit_transitions.child(backend, state.name.lower()).inc()
+        self.metrics.circuit_transitions.child(breaker.name, breaker.model, breaker.state.name.lower()).inc()
 
     def handle(self, request: HttpRequest, writer: ResponseWriter) -> Awaitable[None]:
         return self._chain(RequestContext(request, writer, time.perf_counter()))

@@ -50,8 +50,9 @@ class GatewayMetrics:
             ["backend", "reason"],
         )
         self.circuit_transitions = Counter(
-            "sluice_circuit_transitions", "Circuit breaker state changes, by backend and new state.",
-            ["backend", "state"],
+            "sluice_circuit_transitions",
+            "Circuit breaker state changes, by backend, model (empty for the backend's own circuit) and new state.",
+            ["backend", "model", "state"],
         )
         self.stream_errors = Counter(
             "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
@@ -91,7 +92,8 @@ BACKEND_GAUGES: tuple[tuple[str, str, Callable[[Backend, float], float | None]],
      _scraped(lambda b: b.reported_kv_usage)),
     ("sluice_backend_scrape_age_seconds", "Seconds since the engine's /metrics were last read.",
      lambda b, now: now - b.scraped_at if b.scraped_at else None),
-    ("sluice_backend_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+    ("sluice_backend_circuit_state", "Circuit of the backend (connect errors, timeouts, cut streams): "
+     "0 closed, 1 half-open, 2 open.",
      lambda b, _now: int(b.breaker.state) if b.breaker is not None else None),
 )  # fmt: skip
 
@@ -121,3 +123,12 @@ class _StateCollector(Collector):
                 if sample is not None:
                     family.add_metric([backend.name], sample)
             yield family
+        family = GaugeMetricFamily(
+            "sluice_model_circuit_state",
+            "Circuit of one model on one backend (5xx answers): 0 closed, 1 half-open, 2 open.",
+            labels=["backend", "model"],
+        )
+        for backend in self._backends.all:
+            for model, breaker in backend.model_breakers.items():
+                family.add_metric([backend.name, model], int(breaker.state))
+        yield family

@@ -22,6 +22,7 @@ from sluice.upstream.adapters import AdapterPlacer
 from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
 from sluice.upstream.balancer import make_balancer
+from sluice.upstream.breaker import CircuitBreaker
 from sluice.upstream.connection import Exchange, UpstreamConnection, UpstreamFailure, UpstreamTimeoutFailure
 from sluice.upstream.monitor import BackendMonitor
 from sluice.upstream.pool import ConnectFailure
@@ -39,7 +40,11 @@ NOT_FORWARDED = frozenset(
 
 
 class AdapterGone(UpstreamError):
-    """A backend answered 404 for a registered adapter: not its fault, so the breaker does not count it."""
+    """A backend answered 404 for a registered adapter: not its fault, so no breaker counts it."""
+
+
+class ErrorAnswer(UpstreamError):
+    """A backend answered with a 5xx: it is reachable, but this model failed on it."""
 
 
 class Dispatcher:
@@ -67,7 +72,7 @@ class Dispatcher:
 
     async def __call__(self, ctx: RequestContext) -> None:
         candidates = await self._candidates(ctx.model)
-        candidates = self._closed_circuits(candidates) or self._fallback(ctx) or candidates
+        candidates = self._closed_circuits(candidates, ctx.model) or self._fallback(ctx) or candidates
         if not candidates:
             chain = ", ".join((ctx.model, *self._routing.fallbacks.get(ctx.model, ())))
             raise NoHealthyBackend(f"No healthy backend serves {chain} right now; retry later.",
@@ -93,20 +98,23 @@ class Dispatcher:
                 backend.adapters_in_use[adapter] = backend.adapters_in_use.get(adapter, 0) + 1
                 backend.adapters_used_at[adapter] = ctx.started  # perf_counter, as in the placer
             breaker = backend.breaker
-            if breaker is not None:
+            model_breaker = backend.model_breaker(model) if breaker is not None else None
+            if breaker is not None and model_breaker is not None:
                 breaker.on_attempt()
-            outcome: bool | None = None
+                model_breaker.on_attempt()
+            failure = None
+            finished = False
             try:
                 failure = await self._exchange(ctx, backend, head)
-                outcome = None if isinstance(failure, AdapterGone) else failure is None and not ctx.stream_cut
+                finished = True
             finally:
                 backend.in_flight -= 1
                 if adapter is not None:
                     backend.adapters_in_use[adapter] -= 1
                 if self._capped:
                     self._admission.released()
-                if breaker is not None:
-                    breaker.abandon() if outcome is None else breaker.record(outcome)
+                if breaker is not None and model_breaker is not None:
+                    _settle(breaker, model_breaker, failure, finished, ctx.stream_cut)
             if failure is None:
                 return
             log.warning(
@@ -125,7 +133,7 @@ class Dispatcher:
     ) -> tuple[Backend, ...]:
         """Where a retry may go: the model's usable backends now (loading an adapter anew if it has
         none left), else the previous candidates; under concurrency caps only those with a free slot."""
-        fresh = self._closed_circuits(self._backends.serving(model))
+        fresh = self._closed_circuits(self._backends.serving(model), model)
         if not fresh and self._placer is not None and model in self._registry:
             try:
                 fresh = await self._placer.place(model)
@@ -136,11 +144,11 @@ class Dispatcher:
             candidates = await self._admission.wait_for_capacity(candidates)
         return candidates
 
-    def _closed_circuits(self, candidates: tuple[Backend, ...]) -> tuple[Backend, ...]:
-        """The candidates whose circuit lets requests through now (empty when every one is open)."""
+    def _closed_circuits(self, candidates: tuple[Backend, ...], model: str) -> tuple[Backend, ...]:
+        """The candidates whose circuits (the backend's and `model`'s on it) let requests through now."""
         if not self._backends.circuits_not_closed:
             return candidates
-        return tuple(b for b in candidates if b.breaker is None or b.breaker.available())
+        return tuple(b for b in candidates if b.available_for(model))
 
     def _fallback(self, ctx: RequestContext) -> tuple[Backend, ...]:
         """Backends of the first fallback model that can serve now; the request is rewritten for it.
@@ -149,7 +157,7 @@ class Dispatcher:
         caller keeps the model's own (open) backends: a breaker never cuts a model off completely.
         """
         for model in self._routing.fallbacks.get(ctx.model, ()):
-            usable = self._closed_circuits(self._backends.serving(model))
+            usable = self._closed_circuits(self._backends.serving(model), model)
             if usable:
                 assert ctx.body is not None
                 ctx.body["model"] = model
@@ -160,7 +168,7 @@ class Dispatcher:
 
     async def _candidates(self, model: str) -> tuple[Backend, ...]:
         candidates = self._backends.serving(model)
-        if self._placer is not None and model in self._registry and not self._closed_circuits(candidates):
+        if self._placer is not None and model in self._registry and not self._closed_circuits(candidates, model):
             try:
                 return await self._placer.place(model)  # load it where its base model runs
             except GatewayError:
@@ -237,7 +245,7 @@ class Dispatcher:
                 self._placer.forget(backend, model)  # unloaded behind our back (another replica, an operator)
                 return AdapterGone(f"Backend {backend.name} no longer has adapter '{model}' loaded.")
             if exchange.status >= 500:
-                return UpstreamError(
+                return ErrorAnswer(
                     f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}"
                 )
             if streamed:
@@ -278,6 +286,26 @@ class Dispatcher:
         finally:
             writer.set_flow(None)
         relay.finish()
+
+
+def _settle(
+    backend: CircuitBreaker, model: CircuitBreaker, failure: GatewayError | None, finished: bool, cut: bool
+) -> None:
+    """Count an attempt's outcome: transport failures (connect, timeout, a cut stream) against the
+    backend's circuit, 5xx answers against the model's circuit on it, so one failing adapter cannot take
+    its healthy base model down. No verdict when the client left or an adapter had vanished."""
+    if not finished or isinstance(failure, AdapterGone):
+        backend.abandon()
+        model.abandon()
+    elif failure is None and not cut:
+        backend.record(True)
+        model.record(True)
+    elif isinstance(failure, ErrorAnswer):
+        backend.record(True)  # it answered
+        model.record(False)
+    else:
+        backend.record(False)
+        model.abandon()
 
 
 def _message(parts: Iterable[bytes]) -> str:

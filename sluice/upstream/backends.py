@@ -7,7 +7,7 @@ Adapters of the registry (`adapters.registry`) are known models even while no ba
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sluice.config import AdapterConfig, BackendConfig
@@ -28,9 +28,11 @@ class Backend:
         "in_flight",
         "last_error",
         "max_concurrency",
+        "model_breakers",
         "model_cards",
         "models",
         "name",
+        "new_model_breaker",
         "pool",
         "reported_kv_usage",
         "reported_max_loras",
@@ -47,7 +49,9 @@ class Backend:
         self.weight = config.weight
         self.max_concurrency = config.max_concurrency
         self.pool = pool
-        self.breaker: CircuitBreaker | None = None
+        self.breaker: CircuitBreaker | None = None  # counts failures of the backend itself (transport)
+        self.model_breakers: dict[str, CircuitBreaker] = {}  # count error answers, per model (one adapter)
+        self.new_model_breaker: Callable[[str], CircuitBreaker] | None = None
         self.healthy = False
         self.in_flight = 0
         self.failures = 0
@@ -79,6 +83,20 @@ class Backend:
                 return reported
         return self.in_flight
 
+    def model_breaker(self, model: str) -> CircuitBreaker | None:
+        """The circuit of `model` on this backend, made on first use (None with breakers disabled)."""
+        breaker = self.model_breakers.get(model)
+        if breaker is None and self.new_model_breaker is not None:
+            breaker = self.model_breakers[model] = self.new_model_breaker(model)
+        return breaker
+
+    def available_for(self, model: str) -> bool:
+        """Whether both the backend's circuit and the model's circuit on it let a request through now."""
+        if self.breaker is not None and not self.breaker.available():
+            return False
+        breaker = self.model_breakers.get(model)
+        return breaker is None or breaker.available()
+
     @property
     def max_loras(self) -> int | None:
         """How many adapters may be resident: the configured `max_loras`, else what the engine reports."""
@@ -92,6 +110,7 @@ class Backend:
             "models": sorted(self.models),
             "in_flight": self.in_flight,
             "circuit": self.breaker.state.name.lower() if self.breaker else "disabled",
+            "model_circuits": {m: b.state.name.lower() for m, b in sorted(self.model_breakers.items()) if b.state},
             "last_error": self.last_error,
         }
 
@@ -107,7 +126,12 @@ class Backends:
         self.rebuild()
 
     def circuit_changed(self) -> None:
-        self.circuits_not_closed = sum(1 for b in self.all if b.breaker is not None and b.breaker.state)
+        self.circuits_not_closed = sum(
+            1
+            for b in self.all
+            for breaker in (b.breaker, *b.model_breakers.values())
+            if breaker is not None and breaker.state
+        )
 
     def rebuild(self) -> None:
         serving: dict[str, list[Backend]] = {}

@@ -1,4 +1,4 @@
-"""A circuit breaker per backend: stop sending work to a backend that keeps failing, probe it later.
+"""A circuit breaker: stop sending work to a backend (or one model on it) that keeps failing, probe it later.
 
 closed → open after `failure_threshold` consecutive failures, or when at least `min_requests` requests in
 the last `window` seconds (at most the last MAX_OUTCOMES of them) failed at a rate of `failure_rate` or
@@ -6,7 +6,8 @@ more. open → rejects for
 `recovery_timeout` seconds, then half-open: at most `half_open_max_tries` probe requests at a time; that
 many successes close it, any failure reopens it. Failures are what a retry elsewhere would be tried for:
 connect errors, timeouts, 5xx, streams cut by the backend. The clock is injected, so the state machine is
-tested with property tests rather than sleeps.
+tested with property tests rather than sleeps. Each backend has one for itself and one per model it serves
+(`model` set); the dispatcher decides which outcome counts where.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class CircuitBreaker:
         "_outcomes",
         "_settings",
         "consecutive_failures",
+        "model",
         "name",
         "opened_at",
         "probe_successes",
@@ -48,9 +50,11 @@ class CircuitBreaker:
         name: str,
         settings: BreakerConfig,
         clock: Callable[[], float],
-        on_change: Callable[[str, State], None] | None = None,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
+        model: str = "",
     ) -> None:
         self.name = name
+        self.model = model
         self._settings = settings
         self._clock = clock
         self._on_change = on_change
@@ -118,10 +122,12 @@ class CircuitBreaker:
             self._failures = 0
         if previous is not state:
             log.warning(
-                "circuit %s", state.name.lower(), extra={"backend": self.name, "from": previous.name.lower()}
+                "circuit %s",
+                state.name.lower(),
+                extra={"backend": self.name, "model": self.model or None, "from": previous.name.lower()},
             )
             if self._on_change is not None:
-                self._on_change(self.name, state)
+                self._on_change(self)
 
     def _count(self, ok: bool) -> None:
         now = self._clock()

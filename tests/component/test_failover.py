@@ -195,14 +195,46 @@ async def test_circuit_opens_on_failures_moves_traffic_and_closes_after_probes(
         assert (await post(gw.url, CHAT))[0] == 200  # the retry hides every failure from the client
     assert flaky.stats.requests_total == 3  # then the open circuit kept requests away from it
     metrics = gw.metrics.render().decode()
-    assert 'sluice_backend_circuit_state{backend="b0"} 2.0' in metrics
-    assert 'sluice_circuit_transitions_total{backend="b0",state="open"} 1.0' in metrics
+    assert 'sluice_model_circuit_state{backend="b0",model="base"} 2.0' in metrics  # 500s: the model's circuit
+    assert 'sluice_circuit_transitions_total{backend="b0",model="base",state="open"} 1.0' in metrics
+    assert 'sluice_backend_circuit_state{backend="b0"} 0.0' in metrics  # it answered: reachable
     flaky.settings.fail = None  # the backend recovers
     await asyncio.sleep(0.6)
     for _ in range(6):
         assert (await post(gw.url, CHAT))[0] == 200
-    assert gw.backends.by_name["b0"].breaker.state == 0  # type: ignore[union-attr]
+    assert gw.backends.by_name["b0"].model_breakers["base"].state == 0
     assert flaky.stats.completed >= 2  # the probes, then normal traffic again
+
+
+async def test_a_failing_adapter_opens_only_its_own_circuit(fake: StartFake, gateway: StartGateway) -> None:
+    a, b = await fake("base", loras=["medical"]), await fake("base", loras=["medical"])
+    gw = await gateway(
+        [a, b], health=SLOW_HEALTH, breaker={"failure_threshold": 2, "recovery_timeout": 60},
+        routing={"retries": 1, "fallbacks": {"medical": ["base"]}},
+    )
+    broken = {"X-Fake-Fail": "500"}  # the adapter's requests fail on every backend, the base model's do not
+    medical = {**CHAT, "model": "medical"}
+    statuses = [(await post(gw.url, medical, broken))[0] for _ in range(2)]
+    assert statuses == [502, 502]  # each tried on both backends: both circuits of `medical` open
+    metrics = gw.metrics.render().decode()
+    for name in ("b0", "b1"):
+        assert f'sluice_model_circuit_state{{backend="{name}",model="medical"}} 2.0' in metrics
+        assert f'sluice_backend_circuit_state{{backend="{name}"}} 0.0' in metrics
+    assert [(await post(gw.url, CHAT))[0] for _ in range(4)] == [200] * 4  # the base model is unaffected
+    assert a.stats.requests_by_model["base"] == 2 and b.stats.requests_by_model["base"] == 2
+    status, headers, _ = await post(gw.url, medical)  # open everywhere: the fallback answers
+    assert status == 200 and headers["X-Sluice-Model"] == "base"
+
+
+async def test_timeouts_open_the_backend_circuit(fake: StartFake, gateway: StartGateway) -> None:
+    hanging, steady = await fake("base", fail="hang"), await fake("base")
+    gw = await gateway(
+        [hanging, steady], health=SLOW_HEALTH, timeouts={"read": 0.3},
+        breaker={"failure_threshold": 2, "recovery_timeout": 60}, routing={"strategy": "round_robin"},
+    )
+    assert [(await post(gw.url, CHAT))[0] for _ in range(6)] == [200] * 6  # each timeout retried on `steady`
+    assert gw.backends.by_name["b0"].breaker is not None and gw.backends.by_name["b0"].breaker.state == 2
+    assert hanging.stats.requests_total == 2
 
 
 async def test_an_open_circuit_never_cuts_a_model_off(fake: StartFake, gateway: StartGateway) -> None:

@@ -103,7 +103,7 @@ def test_breaker_follows_the_reference(plan: list[tuple[str, object]]) -> None:
 def test_opens_after_threshold_rejects_then_probes_and_closes() -> None:
     now = [0.0]
     changes: list[State] = []
-    breaker = CircuitBreaker("b", CONFIG, clock=lambda: now[0], on_change=lambda _name, state: changes.append(state))
+    breaker = CircuitBreaker("b", CONFIG, clock=lambda: now[0], on_change=lambda b: changes.append(b.state))
     for _ in range(3):
         breaker.on_attempt()
         breaker.record(False)
