@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from sluice.config import BackendConfig, SluiceConfig
 from sluice.context import RequestContext
@@ -26,6 +28,7 @@ from sluice.pipeline.dispatch import Dispatcher
 from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
 from sluice.pipeline.parse import ParseStage
+from sluice.reload import plan_reload, read_config
 from sluice.routes import PATHS, LocalRoutes
 from sluice.upstream.adapters import AdapterPlacer
 from sluice.upstream.admission import Admission
@@ -39,8 +42,14 @@ log = logging.getLogger("sluice.app")
 
 
 class Gateway:
-    def __init__(self, config: SluiceConfig) -> None:
+    def __init__(
+        self, config: SluiceConfig, config_path: Path | None = None, on_reload: Callable[[], None] | None = None
+    ) -> None:
+        """`config_path` is re-read by `POST /admin/reload`; `on_reload` then tells sibling workers."""
         self.config = config
+        self.config_path = config_path
+        self._on_reload = on_reload
+        self._reloading = asyncio.Lock()
         self.metrics = GatewayMetrics()
         timeouts, limits = config.timeouts, config.limits
         shortest = min(timeouts.model_dump().values())
@@ -52,30 +61,10 @@ class Gateway:
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
         self.admission = Admission(limits.queue_size, limits.queue_timeout, config.routing.retry_after)
         self.metrics.queue_depth = lambda: self.admission.waiting
-        self.placer = (
-            AdapterPlacer(self.backends, config.adapters, config.routing.retry_after, self.metrics.adapter_operations)
-            if config.adapters.registry
-            else None
+        self.placer = AdapterPlacer(
+            self.backends, config.adapters, self.metrics.adapter_operations, config.routing.retry_after
         )
-        dispatcher = Dispatcher(
-            self.backends, self.monitor, self.metrics, timeouts, config.routing, self.admission, self.placer
-        )
-        local = LocalRoutes(self.backends, self.metrics, config.routing.retry_after, lambda: self.draining)
-
-        def terminal(ctx: RequestContext) -> Awaitable[None]:
-            route = ctx.route
-            assert route is not None
-            return dispatcher(ctx) if route.proxied else local.handlers[route.name](ctx)
-
-        self._chain = build_chain(
-            [
-                ErrorsStage(self.metrics, self.backends, self.access_log),
-                IngressStage(PATHS),
-                AuthStage(config.auth.api_keys),
-                ParseStage(),
-            ],
-            terminal,
-        )
+        self._chain = self._build_chain(config)
         self._settings = ServerSettings(
             max_body_bytes=limits.max_body_bytes,
             max_header_bytes=limits.max_header_bytes,
@@ -88,6 +77,68 @@ class Gateway:
         self.draining = False
         self.port = 0  # the bound port, once started
         self._server: asyncio.Server | None = None
+
+    def _build_chain(self, config: SluiceConfig) -> Callable[[RequestContext], Awaitable[None]]:
+        """The pipeline for `config`'s live sections (built again on every reload)."""
+        dispatcher = Dispatcher(
+            self.backends, self.monitor, self.metrics, config.timeouts, config.routing, self.admission, self.placer
+        )
+        local = LocalRoutes(
+            self.backends, self.metrics, config.routing.retry_after, lambda: self.draining, self.reload_from_file
+        )
+
+        def terminal(ctx: RequestContext) -> Awaitable[None]:
+            route = ctx.route
+            assert route is not None
+            return dispatcher(ctx) if route.proxied else local.handlers[route.name](ctx)
+
+        return build_chain(
+            [
+                ErrorsStage(self.metrics, self.backends, self.access_log),
+                IngressStage(PATHS),
+                AuthStage(config.auth.api_keys, config.auth.admin_key),
+                ParseStage(),
+            ],
+            terminal,
+        )
+
+    async def reload(self, new: SluiceConfig) -> dict[str, object]:
+        """Apply a new configuration's live sections without dropping a connection (see sluice/reload.py).
+
+        New and changed backends are probed before they take traffic; requests in flight finish on the
+        backends they started on.
+        """
+        async with self._reloading:
+            plan = plan_reload(self.config, new)
+            self.config = config = plan.config
+            current = self.backends.by_name
+            fresh = [self._new_backend(b) for b in config.backends if b.name in plan.added + plan.changed]
+            await asyncio.gather(*(self.monitor.check(b, discover=True) for b in fresh))
+            made = {b.name: b for b in fresh}
+            retired = [current[name] for name in plan.changed + plan.removed]
+            backends = (made.get(b.name) or current[b.name] for b in config.backends)
+            self.backends.replace(backends, config.adapters.registry)
+            for backend in fresh:
+                self._deadlines.add(backend.pool)
+            for backend in retired:
+                self._deadlines.discard(backend.pool)
+                backend.pool.close()  # idle connections now; busy ones when their exchange ends
+            retry_after = (("retry-after", str(config.routing.retry_after)),)
+            self.admission.retry_after = self.placer.retry_after = retry_after
+            self.placer.load_timeout = config.adapters.load_timeout
+            self._chain = self._build_chain(config)
+            summary = plan.summary()
+            log.info("configuration reloaded", extra=summary)
+            if plan.restart_required:
+                log.warning("reload: restart needed to apply", extra={"sections": list(plan.restart_required)})
+            return summary
+
+    async def reload_from_file(self) -> dict[str, object]:
+        """Re-read `config_path` and apply it here, then tell sibling workers (`POST /admin/reload`, SIGHUP)."""
+        summary = await self.reload(read_config(self.config_path))
+        if self._on_reload is not None:
+            self._on_reload()
+        return {**summary, "pid": os.getpid()}
 
     def _new_backend(self, backend: BackendConfig) -> Backend:
         timeouts, limits = self.config.timeouts, self.config.limits
@@ -117,8 +168,7 @@ class Gateway:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
         await self.monitor.start()
         await self.scraper.start()
-        if self.placer is not None:
-            await self.placer.start()
+        await self.placer.start()
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
         loop = asyncio.get_running_loop()
@@ -168,8 +218,7 @@ class Gateway:
             self.access_log.flush()
         await self.monitor.close()
         await self.scraper.close()
-        if self.placer is not None:
-            await self.placer.close()
+        await self.placer.close()
         for backend in self.backends.all:
             backend.pool.close()
         if self._server is not None:

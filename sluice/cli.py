@@ -1,9 +1,10 @@
-"""The `sluice` command line: serve, check-config, demo, engine, fake-vllm, version."""
+"""The `sluice` command line: serve, reload, check-config, demo, engine, fake-vllm, version."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sluice import __version__
 
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", metavar="FILE")
 
+    reload = commands.add_parser(
+        "reload", help="make a running gateway re-read its configuration (backends, keys, routing, adapters)"
+    )
+    reload.add_argument("--config", required=True, metavar="FILE", help="the file the gateway was started with")
+    reload.add_argument("--url", help="the gateway's address (default: server.host and server.port of FILE)")
+
     demo = commands.add_parser("demo", help="run a demo gateway with the local engine (what `make demo` runs)")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--with-fake", action="store_true", help="add a fake vLLM server as a second backend")
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args.config, args.workers)
+    if args.command == "reload":
+        return _reload(args.config, args.url)
     if args.command == "check-config":
         return _check(args.file)
     if args.command == "demo":
@@ -73,7 +82,38 @@ def _serve(path: str, workers: int | None) -> int:
         return 2
     from sluice.serve import serve
 
-    return serve(config, workers)
+    return serve(config, workers, Path(path))
+
+
+def _reload(path: str, url: str | None) -> int:
+    """Validate FILE here first, then ask the gateway to reload it over the admin API."""
+    import urllib.error
+    import urllib.request
+
+    config = _load(path)
+    if config is None:
+        return 2
+    if not config.auth.admin_key:
+        print(
+            "sluice: reload needs auth.admin_key in the configuration (or send SIGHUP to the `sluice serve` "
+            "process: `kill -HUP <pid>`)",
+            file=sys.stderr,
+        )
+        return 2
+    host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    target = (url or f"http://{host}:{config.server.port}").rstrip("/") + "/admin/reload"
+    request = urllib.request.Request(
+        target, method="POST", data=b"", headers={"Authorization": f"Bearer {config.auth.admin_key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"sluice: reload refused ({exc.code}): {exc.read().decode(errors='replace')}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"sluice: cannot reach the gateway at {target}: {exc}", file=sys.stderr)
+    return 1
 
 
 def _check(path: str) -> int:

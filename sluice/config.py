@@ -64,6 +64,12 @@ class ApiKeyConfig(Section):
 
 class AuthConfig(Section):
     api_keys: tuple[ApiKeyConfig, ...] = ()
+    admin_key: str | None = Field(None, min_length=16)
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # so `${SLUICE_ADMIN_KEY:-}` turns the admin API off
 
     @model_validator(mode="after")
     def _unique(self) -> AuthConfig:
@@ -73,6 +79,8 @@ class AuthConfig(Section):
         keys = [k.key for k in self.api_keys]
         if len(set(keys)) != len(keys):
             raise ValueError("two api_keys entries have the same key")
+        if self.admin_key is not None and self.admin_key in keys:
+            raise ValueError("admin_key must differ from every API key")
         return self
 
 

@@ -31,6 +31,7 @@ class Route:
     public: bool  # reachable without a credential
     proxied: bool  # forwarded to a backend (needs a JSON body with a model)
     upstream_path: bytes = b""
+    admin: bool = False  # needs the admin credential (auth.admin_key), not an API key
 
 
 class RequestContext:

@@ -23,6 +23,7 @@ LOCAL = (
     Route("ready", ("GET",), public=True, proxied=False),
     Route("version", ("GET",), public=True, proxied=False),
     Route("metrics", ("GET",), public=True, proxied=False),
+    Route("reload", ("POST",), public=False, proxied=False, admin=True),
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -33,18 +34,26 @@ PATHS = {
     "/ready": LOCAL[2],
     "/version": LOCAL[3],
     "/metrics": LOCAL[4],
+    "/admin/reload": LOCAL[5],
 }
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LocalHandler = Callable[[RequestContext], Awaitable[None]]
+Reload = Callable[[], Awaitable[dict[str, object]]]
 
 
 class LocalRoutes:
     """Handlers for the routes answered without a backend."""
 
     def __init__(
-        self, backends: Backends, metrics: GatewayMetrics, retry_after: int, draining: Callable[[], bool]
+        self,
+        backends: Backends,
+        metrics: GatewayMetrics,
+        retry_after: int,
+        draining: Callable[[], bool],
+        reload: Reload,
     ) -> None:
         self._draining = draining
+        self._reload = reload
         self._backends = backends
         self._metrics = metrics
         self._retry_after = (("retry-after", str(retry_after)),)
@@ -54,6 +63,7 @@ class LocalRoutes:
             "ready": self.ready,
             "version": self.version,
             "metrics": self.metrics,
+            "reload": self.reload,
         }
 
     async def models(self, ctx: RequestContext) -> None:
@@ -79,3 +89,7 @@ class LocalRoutes:
 
     async def metrics(self, ctx: RequestContext) -> None:
         ctx.writer.send(200, self._metrics.render(), content_type=PROMETHEUS_TEXT)
+
+    async def reload(self, ctx: RequestContext) -> None:
+        """`POST /admin/reload`: re-read the configuration file and apply it (see `Gateway.reload`)."""
+        ctx.writer.send(200, orjson.dumps(await self._reload()))

@@ -29,17 +29,17 @@ log = logging.getLogger("sluice.adapters")
 
 
 class AdapterPlacer:
-    def __init__(self, backends: Backends, settings: AdaptersConfig, retry_after: int, loads: Counter) -> None:
+    def __init__(self, backends: Backends, settings: AdaptersConfig, loads: Counter, retry_after: int = 5) -> None:
         self._backends = backends
-        self._timeout = settings.load_timeout
-        self._retry_after = (("retry-after", str(retry_after)),)
+        self.load_timeout = settings.load_timeout
+        self.retry_after = (("retry-after", str(retry_after)),)
         self._loads = loads  # sluice_adapter_operations{backend, adapter, operation, outcome}
         self._session: aiohttp.ClientSession | None = None
         self._placing: dict[str, asyncio.Task[tuple[Backend, ...]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # one load or unload at a time per backend
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        self._session = aiohttp.ClientSession()
 
     async def close(self) -> None:
         for task in list(self._placing.values()):
@@ -79,7 +79,7 @@ class AdapterPlacer:
             raise NoHealthyBackend(
                 f"No healthy backend runs '{adapter.base_model}', the base model of adapter '{adapter.name}'; "
                 "retry later.",
-                headers=self._retry_after,
+                headers=self.retry_after,
             )
         reasons = []
         for backend in hosts:
@@ -92,7 +92,7 @@ class AdapterPlacer:
         raise NoHealthyBackend(
             f"Could not load adapter '{adapter.name}' on any backend running '{adapter.base_model}' "
             f"({'; '.join(reasons)}); retry later or check adapters.registry.",
-            headers=self._retry_after,
+            headers=self.retry_after,
         )
 
     async def _load(self, backend: Backend, adapter: AdapterConfig) -> str | None:
@@ -169,7 +169,10 @@ class AdapterPlacer:
             body["lora_path"] = lora_path
         headers = {"Authorization": f"Bearer {backend.config.api_key}"} if backend.config.api_key else {}
         try:
-            async with self._session.post(backend.config.url + path, json=body, headers=headers) as response:
+            timeout = aiohttp.ClientTimeout(total=self.load_timeout)
+            async with self._session.post(
+                backend.config.url + path, json=body, headers=headers, timeout=timeout
+            ) as response:
                 return response.status, await response.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return 0, f"{path} failed: {type(exc).__name__}: {exc}"

@@ -26,7 +26,7 @@ class Admission:
     def __init__(self, queue_size: int, queue_timeout: float, retry_after: int) -> None:
         self._queue_size = queue_size
         self._queue_timeout = queue_timeout
-        self._retry_after = (("retry-after", str(retry_after)),)
+        self.retry_after = (("retry-after", str(retry_after)),)
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
@@ -40,7 +40,7 @@ class Admission:
             return free
         if len(self._waiters) >= self._queue_size:
             raise Overloaded("Every backend for this model is at capacity and the queue is full; retry later.",
-                             headers=self._retry_after)
+                             headers=self.retry_after)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._queue_timeout
         waiter: asyncio.Future[None] = loop.create_future()
@@ -60,7 +60,7 @@ class Admission:
         except TimeoutError:
             raise Overloaded(
                 f"No backend for this model had capacity within {self._queue_timeout:g} s; retry later.",
-                headers=self._retry_after,
+                headers=self.retry_after,
             ) from None
         finally:
             if not waiter.done():

@@ -125,6 +125,14 @@ class Backends:
         self.circuits_not_closed = 0  # kept by `circuit_changed`; 0 lets routing skip the breakers
         self.rebuild()
 
+    def replace(self, backends: Iterable[Backend], registry: Iterable[AdapterConfig]) -> None:
+        """Swap in another set of backends (a configuration reload); everything holding this index sees it."""
+        self.all = tuple(backends)
+        self.by_name = {b.name: b for b in self.all}
+        self.registry = {adapter.name: adapter for adapter in registry}
+        self.rebuild()
+        self.circuit_changed()
+
     def circuit_changed(self) -> None:
         self.circuits_not_closed = sum(
             1

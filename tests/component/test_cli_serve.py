@@ -162,3 +162,59 @@ async def test_sigterm_drains_streams_in_flight_then_exits(tmp_path: Path) -> No
         if process.returncode is None:
             process.kill()
         await fake.close()
+
+
+def test_sighup_and_sluice_reload_reach_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    fake_port, port = free_port(), free_port()
+    processes.append(
+        subprocess.Popen([sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"])
+    )
+    config = tmp_path / "sluice.yaml"
+    admin = "admin-cli-0123456789"
+
+    def write(*keys: str) -> None:
+        config.write_text(
+            f"server: {{host: 127.0.0.1, port: {port}}}\n"
+            f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
+            f"auth:\n  admin_key: {admin}\n  api_keys:\n"
+            + "".join(f"    - {{name: k{i}, key: '{key}'}}\n" for i, key in enumerate(keys))
+        )
+
+    def everyone_accepts(key: str, timeout: float = 10) -> bool:
+        """20 requests on fresh connections in a row succeed (both workers answer some of them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(http(f"http://127.0.0.1:{port}/v1/models", key=key)[0] == 200 for _ in range(20)):
+                return True
+            time.sleep(0.1)
+        return False
+
+    write(KEY)
+    wait_http(f"http://127.0.0.1:{fake_port}/health")
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        stderr=(tmp_path / 'gateway.log').open('wb'), start_new_session=True,
+    )
+    processes.append(gateway)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    second, third = "sk-cli-second-0123456789", "sk-cli-third-0123456789"
+    write(KEY, second)
+    os.kill(gateway.pid, signal.SIGHUP)  # the supervisor passes it on to both workers
+    assert everyone_accepts(second)
+    write(third)
+    result = subprocess.run(
+        [sys.executable, "-m", "sluice", "reload", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["api_keys"] == 1
+    assert everyone_accepts(third)
+    assert all(http(f"http://127.0.0.1:{port}/v1/models", key=KEY)[0] == 401 for _ in range(20))
+    config.write_text("backends: [}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sluice", "reload", "--config", str(config), "--url", f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and "invalid configuration" in result.stderr  # checked before sending
+    os.kill(gateway.pid, signal.SIGHUP)  # a broken file on SIGHUP: refused, the running config stays
+    time.sleep(0.5)
+    assert gateway.poll() is None and everyone_accepts(third)
