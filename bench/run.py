@@ -1,8 +1,9 @@
 """One command for the benchmark suite: ``python -m bench.run`` (``make bench``).
 
 Runs, side by side, direct-to-upstream vs the Sluice gateway vs nginx as a plain reverse proxy
-(non-streaming with wrk at concurrency 1/10/100, then 100 concurrent streams), and the HTTP stack
-study. Progress goes to stderr, Markdown tables to stdout, and the tables into ``docs/benchmarks.md``.
+(non-streaming with wrk at concurrency 1/10/100, then 100 concurrent streams), the HTTP stack study,
+and the routing strategies on fake vLLM backends (``bench/strategies.py``). Progress goes to stderr,
+Markdown tables to stdout, and the tables into ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import report, scenarios
+from bench import report, scenarios, strategies
 from bench.env import BenchError, CpuPlan, Machine, cpu_plan, find_tools, machine, require_modules
 from bench.procs import REPO_ROOT
 from bench.progress import Progress
 from bench.scenarios import LoadReport, StreamReport
+from bench.strategies import StrategiesReport
 from bench.targets import STACKS, Lab
 
-PARTS = ("core", "streams", "stacks")
+PARTS = ("core", "streams", "stacks", "strategies")
+QUICK_STRATEGY_REQUESTS = 120
+Result = LoadReport | StreamReport | StrategiesReport
 DEFAULT_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -38,6 +42,7 @@ class Options:
     stacks_duration_s: float
     rounds: int
     stream_rounds: int
+    strategy_requests: int
     write: bool
     doc: Path
     logs: Path | None
@@ -58,6 +63,12 @@ def parse_args(argv: list[str] | None) -> Options:
         help="repeat every wrk run N times, interleaved, and report the median (default 1)",
     )
     parser.add_argument("--stream-rounds", type=int, default=3, help="measured rounds of 100 streams (default 3)")
+    parser.add_argument(
+        "--strategy-requests",
+        type=int,
+        default=strategies.Setup().requests,
+        help="requests per routing strategy (default %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="short runs for smoke testing (2 s, 1 round)")
     parser.add_argument("--only", choices=PARTS, help="run one part only")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DEFAULT_DOC.relative_to(REPO_ROOT)}")
@@ -66,6 +77,8 @@ def parse_args(argv: list[str] | None) -> Options:
     args = parser.parse_args(argv)
     if args.duration < 1 or args.stacks_duration < 1 or args.rounds < 1 or args.stream_rounds < 1:
         parser.error("durations must be >= 1 s and rounds >= 1")
+    if args.strategy_requests < 1:
+        parser.error("--strategy-requests must be >= 1")
     quick = bool(args.quick)
     return Options(
         parts=(args.only,) if args.only else PARTS,
@@ -73,6 +86,7 @@ def parse_args(argv: list[str] | None) -> Options:
         stacks_duration_s=2.0 if quick else args.stacks_duration,
         rounds=1 if quick else args.rounds,
         stream_rounds=1 if quick else args.stream_rounds,
+        strategy_requests=QUICK_STRATEGY_REQUESTS if quick else args.strategy_requests,
         write=not args.no_write,
         doc=args.doc,
         logs=args.logs.resolve() if args.logs else None,
@@ -92,10 +106,17 @@ def plan(options: Options) -> Progress:
             3 + len(STACKS), scenarios.STACK_CONCURRENCY, options.stacks_duration_s, options.rounds
         )
         steps, seconds = steps + s, seconds + t
+    if "strategies" in options.parts:
+        s, t = strategies.plan(_strategy_setup(options))
+        steps, seconds = steps + s, seconds + t
     return Progress(total_steps=steps, planned_s=seconds)
 
 
-def _save_raw(results: dict[str, LoadReport | StreamReport], host: Machine, cpus: CpuPlan) -> Path:
+def _strategy_setup(options: Options) -> strategies.Setup:
+    return dataclasses.replace(strategies.Setup(), requests=options.strategy_requests)
+
+
+def _save_raw(results: dict[str, Result], host: Machine, cpus: CpuPlan) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / "latest.json"
     payload = {
@@ -116,7 +137,7 @@ def run(options: Options) -> int:
     progress = plan(options)
     progress.note(f"{host.describe()}; {cpus.describe()}")
     key = "sk-bench-" + secrets.token_hex(16)
-    results: dict[str, LoadReport | StreamReport] = {}
+    results: dict[str, Result] = {}
     with contextlib.ExitStack() as stack:
         workdir = options.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-bench-")))
         for part in options.parts:
@@ -128,6 +149,14 @@ def run(options: Options) -> int:
                     )
                 elif part == "streams":
                     results[part] = scenarios.run_streams(lab, progress, rounds=options.stream_rounds)
+                elif part == "strategies":
+                    results[part] = strategies.run_all(
+                        _strategy_setup(options),
+                        taskset=tools.taskset,
+                        cpus=cpus,
+                        logdir=lab.workdir,
+                        progress=progress,
+                    )
                 else:
                     results[part] = scenarios.run_stacks(
                         lab, progress, duration_s=options.stacks_duration_s, rounds=options.rounds
@@ -144,14 +173,16 @@ def run(options: Options) -> int:
     return 0
 
 
-def _measured_anything(result: LoadReport | StreamReport) -> bool:
+def _measured_anything(result: Result) -> bool:
     return bool(result.rows)
 
 
-def render(results: dict[str, LoadReport | StreamReport], host: Machine, cpus: CpuPlan) -> dict[str, str]:
+def render(results: dict[str, Result], host: Machine, cpus: CpuPlan) -> dict[str, str]:
     blocks: dict[str, str] = {}
     for part, result in results.items():
-        if isinstance(result, StreamReport):
+        if isinstance(result, StrategiesReport):
+            blocks[part] = strategies.markdown(result, host, cpus)
+        elif isinstance(result, StreamReport):
             blocks[part] = report.streams_markdown(result, host, cpus)
         elif part == "core":
             blocks[part] = report.core_markdown(result, host, cpus)

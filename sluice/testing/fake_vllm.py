@@ -2,9 +2,10 @@
 
 It answers like vLLM's OpenAI server on the wire (chat, completions, embeddings, models, runtime LoRA,
 health, version, Prometheus metrics) while simulating vLLM's load: `max_num_seqs` running sequences,
-a FIFO waiting queue, KV-cache usage and a prefix cache. Latency, output length and failures are set
-by flags, by `X-Fake-*` request headers or at runtime through `POST /fake/config`; `GET /fake/stats`
-and `FakeVLLM.stats` report what the fake saw.
+a FIFO waiting queue, KV-cache usage, a prefix cache and (with `prefill_ms_per_token`) prefills that
+cost time per uncached prompt token and queue behind each other. Latency, output length and failures
+are set by flags, by `X-Fake-*` request headers or at runtime through `POST /fake/config`;
+`GET /fake/stats` and `FakeVLLM.stats` report what the fake saw.
 
 Python API::
 
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once")
     p.add_argument("--kv-capacity-tokens", type=int, default=65536, help="KV cache size, in tokens")
+    p.add_argument(
+        "--prefill-ms-per-token",
+        type=float,
+        default=0.0,
+        help="prefill cost of each prompt token not in the prefix cache; prefills run one at a time (default 0)",
+    )
     p.add_argument("--embedding-dim", type=int, default=32)
     p.add_argument("--max-loras", type=int, default=4, help="adapters that may be loaded at once")
     p.add_argument("--max-model-len", type=int, default=2048, help="context window, in tokens")
@@ -165,6 +172,7 @@ def _settings_from(args: argparse.Namespace) -> FakeVLLMSettings:
         fail=args.fail,
         max_num_seqs=args.max_num_seqs,
         kv_capacity_tokens=args.kv_capacity_tokens,
+        prefill_ms_per_token=args.prefill_ms_per_token,
         embedding_dim=args.embedding_dim,
         max_loras=args.max_loras,
         max_model_len=args.max_model_len,

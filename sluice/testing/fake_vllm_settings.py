@@ -24,6 +24,7 @@ RUNTIME_KEYS: dict[str, tuple[type, ...]] = {
     "fail": (str, type(None)),
     "max_num_seqs": (int,),
     "kv_capacity_tokens": (int,),
+    "prefill_ms_per_token": (int, float),
 }
 
 
@@ -77,6 +78,7 @@ class FakeVLLMSettings:
     fail: str | None = None
     max_num_seqs: int = 256
     kv_capacity_tokens: int = 65536
+    prefill_ms_per_token: float = 0.0  # prefill cost of each uncached prompt token; 0 = prefill is free
     embedding_dim: int = 32
     max_loras: int = 4
     max_model_len: int = 2048
@@ -93,6 +95,7 @@ class FakeVLLMSettings:
             ("error_rate", 0.0 <= self.error_rate <= 1.0),
             ("max_num_seqs", self.max_num_seqs >= 1),
             ("kv_capacity_tokens", self.kv_capacity_tokens >= 1),
+            ("prefill_ms_per_token", 0.0 <= self.prefill_ms_per_token <= 60_000.0),
             ("embedding_dim", self.embedding_dim >= 1),
             ("max_loras", self.max_loras >= 0),
             ("max_model_len", self.max_model_len >= 2),

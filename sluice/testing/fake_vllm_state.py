@@ -1,8 +1,10 @@
-"""Live state of a fake vLLM server: counters, the FIFO scheduler, the prefix cache and loaded adapters.
+"""Live state of a fake vLLM server: counters, the FIFO scheduler, the prefill lane, the prefix cache and
+loaded adapters.
 
 The scheduler mimics vLLM's: at most `max_num_seqs` sequences run at once and the rest wait, first come
 first served. A running sequence holds `prompt + generated` tokens of KV cache, which is what
-`vllm:kv_cache_usage_perc` reports against `kv_capacity_tokens`.
+`vllm:kv_cache_usage_perc` reports against `kv_capacity_tokens`. The prefill lane stands for the engine's
+compute: one prefill at a time, in admission order, so long uncached prompts delay each other.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class FakeStats:
     completed: int = 0
     aborted: int = 0
     failed: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, tokens found cached
     last_request_headers: dict[str, str] = field(default_factory=dict)
     last_request_body: object = None
 
@@ -43,6 +47,8 @@ class FakeStats:
             "completed": self.completed,
             "aborted": self.aborted,
             "failed": self.failed,
+            "prefix_queries": self.prefix_queries,
+            "prefix_hits": self.prefix_hits,
             "last_request_headers": dict(self.last_request_headers),
             "last_request_body": self.last_request_body,
         }
@@ -50,6 +56,7 @@ class FakeStats:
     def reset(self) -> None:
         """Zero the counters; `running` and `waiting` describe live requests and stay."""
         self.requests_total = self.completed = self.aborted = self.failed = 0
+        self.prefix_queries = self.prefix_hits = 0
         self.requests_by_model = {}
         self.last_request_headers = {}
         self.last_request_body = None
@@ -64,7 +71,8 @@ class Sequence:
     prompt_tokens: int
     arrival: float
     generated: int = 0
-    scheduled_at: float = 0.0
+    scheduled_at: float = 0.0  # admitted by the scheduler
+    prefilled_at: float = 0.0  # its prefill finished; the first token follows `ttft` later
     first_token_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -119,31 +127,64 @@ class Scheduler:
         return min(1.0, used / self._settings.kv_capacity_tokens)
 
 
-class PrefixCache:
-    """LRU of hashed full prompt blocks, to report vLLM's prefix-cache query and hit counters.
+class PrefillLane:
+    """The engine's prefill compute: one prefill at a time, first come first served.
 
-    The block hash chains over the adapter name and every earlier block, as vLLM's does, so a block only
-    hits when the whole prefix before it matches too.
+    vLLM runs one engine step at a time and a step's cost grows with the prompt tokens it prefills, so
+    prefills queue behind each other whatever `max_num_seqs` allows. Deadlines are absolute: a prefill
+    that queued starts when the one before it was due to end, so timer lateness does not pile up along
+    the queue. A prefill cancelled half-way (the client left) frees the lane at once.
     """
 
-    def __init__(self, capacity_tokens: int) -> None:
-        self._capacity = max(1, capacity_tokens // PREFIX_BLOCK_TOKENS)
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()  # FIFO: a new caller never overtakes a waiting one
+        self._free_at = 0.0
+
+    async def run(self, seconds: float) -> float:
+        """Queue for the lane, hold it for `seconds`; returns the loop time the prefill ended."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        async with self._lock:
+            end = max(arrived, self._free_at) + seconds
+            self._free_at = end
+            try:
+                await asyncio.sleep(max(0.0, end - loop.time()))
+            except asyncio.CancelledError:
+                self._free_at = loop.time()
+                raise
+        return end
+
+
+class PrefixCache:
+    """LRU of hashed full prompt blocks, at most `settings.kv_capacity_tokens` worth (read live).
+
+    The block hash chains over the model or adapter name and every earlier block, as vLLM's does, so a
+    block only hits when the whole prefix before it matches too, and an adapter never shares the base
+    model's blocks. As in vLLM, the last prompt token is always computed, so a block ending there never
+    counts as a hit. Unlike vLLM, the cache does not shrink while running sequences hold KV blocks.
+    """
+
+    def __init__(self, settings: FakeVLLMSettings) -> None:
+        self._settings = settings
         self._blocks: OrderedDict[int, None] = OrderedDict()
 
     def lookup(self, model: str, words: list[str]) -> int:
         """Return how many prompt tokens were cached, then cache this prompt's full blocks."""
+        capacity = max(1, self._settings.kv_capacity_tokens // PREFIX_BLOCK_TOKENS)
         chained = hash(model)
         hits = 0
         missed = False
         for start in range(0, len(words) - PREFIX_BLOCK_TOKENS + 1, PREFIX_BLOCK_TOKENS):
-            chained = hash((chained, *words[start : start + PREFIX_BLOCK_TOKENS]))
-            if not missed and chained in self._blocks:
+            end = start + PREFIX_BLOCK_TOKENS
+            chained = hash((chained, *words[start:end]))
+            if not missed and end < len(words) and chained in self._blocks:
                 hits += PREFIX_BLOCK_TOKENS
                 self._blocks.move_to_end(chained)
                 continue
             missed = True
             self._blocks[chained] = None
-            if len(self._blocks) > self._capacity:
+            self._blocks.move_to_end(chained)
+            while len(self._blocks) > capacity:
                 self._blocks.popitem(last=False)
         return hits
 
