@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -13,6 +14,7 @@ import uvloop
 
 from sluice.app import Gateway
 from sluice.config import SluiceConfig
+from sluice.config_loader import load_config
 from sluice.testing.fake_vllm import FakeVLLM, FakeVLLMSettings, start_fake_vllm
 
 if TYPE_CHECKING:
@@ -97,17 +99,24 @@ def gateway_config(backends: list[dict[str, Any]], **sections: Any) -> SluiceCon
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[StartGateway]:
-    """Start in-process gateways over the given fakes: `await gateway([fake_a, fake_b], timeouts={...})`."""
+    """Start in-process gateways over the given fakes: `await gateway([fake_a, fake_b], timeouts={...})`,
+    or from a configuration file it can reload: `await gateway(config_path=path)`."""
     started: list[Gateway] = []
 
     async def start(
-        servers: list[FakeVLLM | str], backends_extra: dict[str, Any] | None = None, **sections: Any
+        servers: Sequence[FakeVLLM | str] = (),
+        backends_extra: dict[str, Any] | None = None,
+        config_path: Path | None = None,
+        **sections: Any,
     ) -> Gateway:
         backends = []
         for i, server in enumerate(servers):
             url = server if isinstance(server, str) else server.url
             backends.append({"name": f"b{i}", "url": url, **(backends_extra or {})})
-        gw = Gateway(gateway_config(backends, **sections))
+        if config_path is not None:
+            gw = Gateway(load_config(config_path), config_path)
+        else:
+            gw = Gateway(gateway_config(backends, **sections))
         await gw.start()
         started.append(gw)
         return gw

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import yaml
 
 from sluice.app import Gateway
 from sluice.testing.fake_vllm import FakeVLLM
-from tests.conftest import API_KEY, StartFake, gateway_config
+from tests.conftest import API_KEY, StartFake, StartGateway, gateway_config
 
 ADMIN = "admin-0123456789abcdef"
 NEW_KEY = "sk-new-0123456789"
@@ -34,24 +32,12 @@ def write(path: Path, backends: dict[str, FakeVLLM], keys: dict[str, str], **sec
     path.write_text(yaml.safe_dump(data))
 
 
-StartFromFile = Callable[[Path], Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def from_file() -> AsyncIterator[StartFromFile]:
-    started: list[Gateway] = []
-
-    async def start(path: Path) -> Gateway:
-        from sluice.config_loader import load_config
-
-        gw = Gateway(load_config(path), path)
-        await gw.start()
-        started.append(gw)
-        return gw
-
-    yield start
-    for gw in started:
-        await gw.close()
+async def one_backend(tmp_path: Path, fake: StartFake, gateway: StartGateway) -> tuple[Gateway, Path, FakeVLLM]:
+    """A gateway started from a file with one fake backend `a` and one API key."""
+    backend = await fake("base")
+    config = tmp_path / "sluice.yaml"
+    write(config, {"a": backend}, {"k": API_KEY})
+    return await gateway(config_path=config), config, backend
 
 
 async def call(
@@ -63,12 +49,12 @@ async def call(
 
 
 async def test_reload_swaps_backends_and_keys_while_a_stream_and_a_connection_stay_open(
-    tmp_path: Path, fake: StartFake, from_file: StartFromFile
+    tmp_path: Path, fake: StartFake, gateway: StartGateway
 ) -> None:
     old, new = await fake("base", tokens=30, itl_ms=30), await fake("base")
     config = tmp_path / "sluice.yaml"
     write(config, {"old": old}, {"first": API_KEY})
-    gw = await from_file(config)
+    gw = await gateway(config_path=config)
     one_connection = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession() as streaming, aiohttp.ClientSession(connector=one_connection) as session:
         assert (await call(session, gw.url + "/v1/chat/completions", API_KEY, CHAT))[0] == 200
@@ -91,12 +77,12 @@ async def test_reload_swaps_backends_and_keys_while_a_stream_and_a_connection_st
 
 
 async def test_an_unchanged_backend_keeps_its_state_and_a_changed_one_is_replaced(
-    tmp_path: Path, fake: StartFake, from_file: StartFromFile
+    tmp_path: Path, fake: StartFake, gateway: StartGateway
 ) -> None:
     a, b = await fake("base"), await fake("base")
     config = tmp_path / "sluice.yaml"
     write(config, {"a": a, "b": b}, {"k": API_KEY})
-    gw = await from_file(config)
+    gw = await gateway(config_path=config)
     kept, replaced = gw.backends.by_name["a"], gw.backends.by_name["b"]
     data = yaml.safe_load(config.read_text())
     data["backends"][1]["weight"] = 3
@@ -113,12 +99,9 @@ async def test_an_unchanged_backend_keeps_its_state_and_a_changed_one_is_replace
 
 
 async def test_an_invalid_file_is_refused_and_the_running_config_stays(
-    tmp_path: Path, fake: StartFake, from_file: StartFromFile
+    tmp_path: Path, fake: StartFake, gateway: StartGateway
 ) -> None:
-    backend = await fake("base")
-    config = tmp_path / "sluice.yaml"
-    write(config, {"a": backend}, {"k": API_KEY})
-    gw = await from_file(config)
+    gw, config, _backend = await one_backend(tmp_path, fake, gateway)
     config.write_text(config.read_text().replace("weight", "wieght") + "routing: {strategy: fastest}\n")
     async with aiohttp.ClientSession() as session:
         status, error = await call(session, gw.url + "/admin/reload", ADMIN)
@@ -129,12 +112,9 @@ async def test_an_invalid_file_is_refused_and_the_running_config_stays(
 
 
 async def test_the_admin_api_takes_only_the_admin_key(
-    tmp_path: Path, fake: StartFake, from_file: StartFromFile
+    tmp_path: Path, fake: StartFake, gateway: StartGateway
 ) -> None:
-    backend = await fake("base")
-    config = tmp_path / "sluice.yaml"
-    write(config, {"a": backend}, {"k": API_KEY})
-    gw = await from_file(config)
+    gw, _config, backend = await one_backend(tmp_path, fake, gateway)
     async with aiohttp.ClientSession() as session:
         assert (await call(session, gw.url + "/admin/reload", API_KEY))[0] == 401  # an API key is not enough
         assert (await call(session, gw.url + "/admin/reload", ADMIN + "x"))[0] == 401
@@ -151,11 +131,8 @@ async def test_the_admin_api_takes_only_the_admin_key(
         await plain.close()
 
 
-async def test_reload_brings_in_an_adapter_registry(tmp_path: Path, fake: StartFake, from_file: StartFromFile) -> None:
-    backend = await fake("base")
-    config = tmp_path / "sluice.yaml"
-    write(config, {"a": backend}, {"k": API_KEY})
-    gw = await from_file(config)
+async def test_reload_brings_in_an_adapter_registry(tmp_path: Path, fake: StartFake, gateway: StartGateway) -> None:
+    gw, config, backend = await one_backend(tmp_path, fake, gateway)
     medical = {**CHAT, "model": "medical"}
     async with aiohttp.ClientSession() as session:
         assert (await call(session, gw.url + "/v1/chat/completions", API_KEY, medical))[0] == 404
@@ -168,12 +145,12 @@ async def test_reload_brings_in_an_adapter_registry(tmp_path: Path, fake: StartF
 
 
 async def test_concurrent_reloads_apply_one_at_a_time(
-    tmp_path: Path, fake: StartFake, from_file: StartFromFile
+    tmp_path: Path, fake: StartFake, gateway: StartGateway
 ) -> None:
     a, b = await fake("base"), await fake("base")
     config = tmp_path / "sluice.yaml"
     write(config, {"a": a}, {"k": API_KEY})
-    gw = await from_file(config)
+    gw = await gateway(config_path=config)
     write(config, {"a": a, "b": b}, {"k": API_KEY})
     first, second = await asyncio.gather(gw.reload_from_file(), gw.reload_from_file())
     assert first["backends"]["added"] == ["b"] and second["backends"]["kept"] == ["a", "b"]
