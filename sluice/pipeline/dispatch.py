@@ -1,9 +1,12 @@
 """Sends a proxied request to a backend that serves its model, retrying elsewhere before the first byte.
 
-Routing: healthy backends that list the model (base or LoRA), least outstanding requests first. A
-connect error, timeout or 5xx answer is retried on another such backend (`routing.retries` times), but
+Candidates: healthy backends that list the model (base or LoRA) whose circuits are closed; a registered
+adapter nobody has loaded is loaded first (upstream/adapters.py); with none usable, the model's fallback
+chain. The balancer (`routing.strategy`) picks one, under the concurrency caps (upstream/admission.py).
+A connect error, timeout or 5xx answer is retried on another such backend (`routing.retries` times), but
 only while nothing has reached the client; after that a failure ends the stream with an SSE error
-event. Cancellation (the client went away) aborts the upstream connection, so vLLM stops generating.
+event. Each outcome is counted by the backend's circuit or the model's circuit on it (`_settle`).
+Cancellation (the client went away) aborts the upstream connection, so vLLM stops generating.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class Dispatcher:
         timeouts: TimeoutsConfig,
         routing: RoutingConfig,
         admission: Admission,
-        placer: AdapterPlacer | None = None,
+        placer: AdapterPlacer,
     ) -> None:
         self._backends = backends
         self._monitor = monitor
@@ -134,7 +137,7 @@ class Dispatcher:
         """Where a retry may go: the model's usable backends now (loading an adapter anew if it has
         none left), else the previous candidates; under concurrency caps only those with a free slot."""
         fresh = self._closed_circuits(self._backends.serving(model), model)
-        if not fresh and self._placer is not None and model in self._registry:
+        if not fresh and model in self._registry:
             try:
                 fresh = await self._placer.place(model)
             except GatewayError:
@@ -168,7 +171,7 @@ class Dispatcher:
 
     async def _candidates(self, model: str) -> tuple[Backend, ...]:
         candidates = self._backends.serving(model)
-        if self._placer is not None and model in self._registry and not self._closed_circuits(candidates, model):
+        if model in self._registry and not self._closed_circuits(candidates, model):
             try:
                 return await self._placer.place(model)  # load it where its base model runs
             except GatewayError:
@@ -241,7 +244,7 @@ class Dispatcher:
             except UpstreamFailure as exc:
                 return UpstreamError(f"Backend {backend.name} failed: {exc}.")
             model = ctx.served_model or ctx.model
-            if exchange.status == 404 and self._placer is not None and model in self._registry:
+            if exchange.status == 404 and model in self._registry:
                 self._placer.forget(backend, model)  # unloaded behind our back (another replica, an operator)
                 return AdapterGone(f"Backend {backend.name} no longer has adapter '{model}' loaded.")
             if exchange.status >= 500:
