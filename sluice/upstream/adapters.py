@@ -76,13 +76,13 @@ class AdapterPlacer:
             key=lambda b: (b.load(now) + 1) / b.weight,
         )  # fmt: skip
         if not hosts:
-            problem = (
+            why = (
                 f"Adapter '{adapter.name}' keeps failing on every backend running '{adapter.base_model}' "
                 "(their circuits are open)"
                 if self._backends.serving(adapter.base_model)
                 else f"No healthy backend runs '{adapter.base_model}', the base model of adapter '{adapter.name}'"
             )
-            raise NoHealthyBackend(f"{problem}; retry later.", headers=self.retry_after)
+            raise NoHealthyBackend(f"{why}; retry later.", headers=self.retry_after)
         reasons = []
         for backend in hosts:
             async with self._locks.setdefault(backend.name, asyncio.Lock()):
