@@ -6,6 +6,7 @@ Loading, `${ENV}` substitution and error messages that name the key and line liv
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -56,17 +57,62 @@ class BackendConfig(Section):
         return urlsplit(self.url).port or 80
 
 
-class ApiKeyConfig(Section):
+class KeyLimitsConfig(Section):
+    """Limits of one caller (an API key or a JWT subject); None means unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+
+
+class ApiKeyConfig(KeyLimitsConfig):
     name: str = Field(pattern=NAME_PATTERN)
     key: str = Field(min_length=8)
     models: tuple[str, ...] | None = None
+    tenant: str | None = None
+
+
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+
+
+class JwtConfig(Section):
+    """OAuth2 / OIDC bearer tokens, checked against the provider's public keys (never HS*: no shared secret)."""
+
+    issuer: str = Field(min_length=1)
+    audience: tuple[str, ...] = Field(min_length=1)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    algorithms: tuple[JwtAlgorithm, ...] = Field(("RS256", "ES256"), min_length=1)
+    leeway: float = Field(30.0, ge=0, le=300)
+    jwks_cache_ttl: PositiveSeconds = 300.0
+    jwks_refresh_interval: PositiveSeconds = 30.0  # at most one refetch this often for an unknown `kid`
+    tenant_claim: str = "tenant"
+    user_claim: str = "sub"
+    scopes_claim: str = "scope"
+    required_scope: str | None = None
+    models_claim: str | None = None  # a claim listing the models the token may use
+    limits: KeyLimitsConfig = KeyLimitsConfig()  # per subject (`user_claim`)
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtConfig:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("set exactly one of jwks_url and jwks_file")
+        return self
 
 
 class AuthConfig(Section):
     api_keys: tuple[ApiKeyConfig, ...] = ()
     admin_key: str | None = Field(None, min_length=16)
+    key_secret: str | None = Field(None, min_length=32)  # HMAC secret for managed keys
+    key_cache_ttl: PositiveSeconds = 5.0
+    jwt: JwtConfig | None = None
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("admin_key", "key_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # so `${SLUICE_ADMIN_KEY:-}` turns the admin API off
@@ -157,6 +203,55 @@ class AdaptersConfig(Section):
         return self
 
 
+class DatabaseConfig(Section):
+    url: str = "sqlite:///data/sluice/sluice.db"
+    pool_size: int = Field(10, ge=1, le=200)
+    connect_timeout: PositiveSeconds = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, url: str) -> str:
+        if not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must be postgresql://user@host:port/db or sqlite:///path/to/file.db")
+        return url
+
+
+class RedisConfig(Section):
+    url: str | None = None  # None: state in process (one replica only)
+    timeout: PositiveSeconds = 0.25
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be redis://host:port/db, rediss://… or unix:///path")
+        return url
+
+
+class RateConfig(Section):
+    rate: float = Field(gt=0)  # requests per second
+    burst: int = Field(ge=1)
+
+
+class IpLimitsConfig(Section):
+    requests: RateConfig | None = None  # non-streaming requests
+    stream_requests: RateConfig | None = None
+
+
+class RateLimitsConfig(Section):
+    on_redis_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    per_ip: IpLimitsConfig = IpLimitsConfig()
+    per_key: KeyLimitsConfig = KeyLimitsConfig()  # defaults for keys that set none of their own
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        for proxy in proxies:
+            ipaddress.ip_network(proxy, strict=False)  # ValueError names the bad entry
+        return proxies
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -173,6 +268,9 @@ class SluiceConfig(Section):
     routing: RoutingConfig = RoutingConfig()
     breaker: BreakerConfig = BreakerConfig()
     adapters: AdaptersConfig = AdaptersConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    redis: RedisConfig = RedisConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -17,11 +17,30 @@ from sluice.http.response import ResponseWriter
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-caller limits (None: unlimited), from the key's record, its config entry or `rate_limits.per_key`."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the name of the key (never the key itself) and what it may use."""
+    """Who is calling: the name of the key (never the key itself) and what it may use.
+
+    `subject` is the stable identity limits are counted against: `key:<id>` for API keys,
+    `jwt:<issuer>:<user>` for tokens.
+    """
 
     name: str
     models: frozenset[str] | None = None  # None: every model
+    subject: str = ""
+    kind: str = "static"  # static | managed | jwt | admin
+    tenant: str | None = None
+    user: str | None = None
+    scopes: frozenset[str] = frozenset()
+    limits: Limits = Limits()
 
 
 @dataclass(frozen=True, slots=True)
