@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, reload, check-config, demo, engine, fake-vllm, version."""
+"""The `sluice` command line: serve, reload, check-config, keys, db, demo, engine, fake-vllm, version."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def main(argv: list[str] | None = None) -> int:
         from sluice.engine.cli import main as engine_main
 
         return engine_main(argv[1:])
+    if argv[:1] == ["keys"]:
+        from sluice.identity.keys_cli import main as keys_main
+
+        return keys_main(argv[1:])
+    if argv[:1] == ["db"]:
+        from sluice.identity.keys_cli import db_main
+
+        return db_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sluice", description="A production gateway for vLLM.")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("fake-vllm", help="run the vLLM-compatible fake server (see `sluice fake-vllm --help`)")
     commands.add_parser("engine", help="prepare and run the local vLLM engine (see `sluice engine --help`)")
+    commands.add_parser("keys", help="create, list, revoke and rotate managed API keys (see `sluice keys --help`)")
+    commands.add_parser("db", help="apply or show database schema migrations (see `sluice db --help`)")
     commands.add_parser("version", help="print the version")
 
     args = parser.parse_args(argv)

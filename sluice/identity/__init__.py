@@ -1,0 +1,1 @@
+"""Who is calling: API keys (static and managed) and JWT bearer tokens."""

@@ -1,0 +1,1 @@
+"""Persistent state: one database facade (PostgreSQL or SQLite) and its versioned schema migrations."""
