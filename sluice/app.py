@@ -14,12 +14,17 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from sluice.admin import AdminKeys
 from sluice.config import BackendConfig, SluiceConfig
 from sluice.context import RequestContext
 from sluice.deadlines import Deadlines
 from sluice.http.request import HttpRequest
 from sluice.http.response import ResponseWriter
 from sluice.http.server import HttpServerProtocol, RequestIds, ServerSettings
+from sluice.identity.jwt import JwtVerifier
+from sluice.identity.keys import KeyStore
+from sluice.identity.managed import ManagedKeys
+from sluice.identity.revocations import RevocationFeed
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.auth import AuthStage
@@ -27,9 +32,13 @@ from sluice.pipeline.chain import build_chain
 from sluice.pipeline.dispatch import Dispatcher
 from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
+from sluice.pipeline.limits import LimitsCheck
 from sluice.pipeline.parse import ParseStage
+from sluice.ratelimit import RateLimiter
 from sluice.reload import plan_reload, read_config
-from sluice.routes import PATHS, LocalRoutes
+from sluice.routes import PATHS, PREFIXES, LocalRoutes
+from sluice.store.database import Database
+from sluice.store.migrations import upgrade
 from sluice.upstream.adapters import AdapterPlacer
 from sluice.upstream.admission import Admission
 from sluice.upstream.backends import Backend, Backends
@@ -64,6 +73,18 @@ class Gateway:
         self.placer = AdapterPlacer(
             self.backends, config.adapters, self.metrics.adapter_operations, config.routing.retry_after
         )
+        self.limiter = RateLimiter(
+            config.redis.url,
+            on_failure=config.rate_limits.on_redis_failure,
+            timeout=config.redis.timeout,
+            key_prefix=config.redis.key_prefix + "rl:",
+        )
+        self.metrics.rate_limiter = self.limiter
+        self.jwt = JwtVerifier(config.auth.jwt) if config.auth.jwt is not None else None
+        self.database: Database | None = None
+        self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
+        self.revocations: RevocationFeed | None = None
+        self._limits = self._limits_check(config)
         self._chain = self._build_chain(config)
         self._settings = ServerSettings(
             max_body_bytes=limits.max_body_bytes,
@@ -78,6 +99,10 @@ class Gateway:
         self.port = 0  # the bound port, once started
         self._server: asyncio.Server | None = None
 
+    def _limits_check(self, config: SluiceConfig) -> LimitsCheck:
+        lease_ttl = config.timeouts.stream_read + config.timeouts.connect  # a crashed replica's slots come back
+        return LimitsCheck(self.limiter, config.rate_limits, lease_ttl, self.metrics)
+
     def _build_chain(self, config: SluiceConfig) -> Callable[[RequestContext], Awaitable[None]]:
         """The pipeline for `config`'s live sections (built again on every reload)."""
         dispatcher = Dispatcher(
@@ -86,6 +111,8 @@ class Gateway:
         local = LocalRoutes(
             self.backends, self.metrics, config.routing.retry_after, lambda: self.draining, self.reload_from_file
         )
+        admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
+        local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
@@ -94,10 +121,11 @@ class Gateway:
 
         return build_chain(
             [
-                ErrorsStage(self.metrics, self.backends, self.access_log),
-                IngressStage(PATHS),
-                AuthStage(config.auth.api_keys, config.auth.admin_key),
+                ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish),
+                IngressStage(PATHS, PREFIXES),
+                AuthStage(config.auth, self.metrics, self.managed, self.jwt),
                 ParseStage(),
+                self._limits,
             ],
             terminal,
         )
@@ -110,7 +138,10 @@ class Gateway:
         """
         async with self._reloading:
             plan = plan_reload(self.config, new)
-            self.config = config = plan.config
+            previous, self.config = self.config, plan.config
+            config = plan.config
+            if config.auth.jwt != previous.auth.jwt:
+                await self._replace_jwt(config)
             current = self.backends.by_name
             fresh = [self._new_backend(b) for b in config.backends if b.name in plan.added + plan.changed]
             await asyncio.gather(*(self.monitor.check(b, discover=True) for b in fresh))
@@ -126,12 +157,20 @@ class Gateway:
             retry_after = (("retry-after", str(config.routing.retry_after)),)
             self.admission.retry_after = self.placer.retry_after = retry_after
             self.placer.load_timeout = config.adapters.load_timeout
+            self._limits = self._limits_check(config)
             self._chain = self._build_chain(config)
             summary = plan.summary()
             log.info("configuration reloaded", extra=summary)
             if plan.restart_required:
                 log.warning("reload: restart needed to apply", extra={"sections": list(plan.restart_required)})
             return summary
+
+    async def _replace_jwt(self, config: SluiceConfig) -> None:
+        retired, self.jwt = self.jwt, JwtVerifier(config.auth.jwt) if config.auth.jwt is not None else None
+        if self.jwt is not None:
+            await self.jwt.start()
+        if retired is not None:
+            await retired.close()
 
     async def reload_from_file(self) -> dict[str, object]:
         """Re-read `config_path` and apply it here, then tell sibling workers (`POST /admin/reload`, SIGHUP)."""
@@ -169,6 +208,11 @@ class Gateway:
         await self.monitor.start()
         await self.scraper.start()
         await self.placer.start()
+        await self.limiter.start()
+        if self.jwt is not None:
+            await self.jwt.start()
+        await self._open_key_store()
+        self._chain = self._build_chain(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
         loop = asyncio.get_running_loop()
@@ -188,6 +232,18 @@ class Gateway:
                 reuse_port=reuse_port or None,
             )
         self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _open_key_store(self) -> None:
+        """Managed keys need `auth.key_secret`: open the database (applying migrations) and the feed."""
+        secret = self.config.auth.key_secret
+        if secret is None:
+            return
+        self.database = await Database.connect(self.config.database)
+        await upgrade(self.database)
+        self.managed = ManagedKeys(KeyStore(self.database, secret.encode()), self.config.auth.key_cache_ttl)
+        if self.config.redis.url is not None:
+            self.revocations = RevocationFeed(self.config.redis.url, self.managed.evict)
+            await self.revocations.start()
 
     @property
     def url(self) -> str:
@@ -219,6 +275,14 @@ class Gateway:
         await self.monitor.close()
         await self.scraper.close()
         await self.placer.close()
+        await self._limits.close()
+        await self.limiter.close()
+        if self.jwt is not None:
+            await self.jwt.close()
+        if self.revocations is not None:
+            await self.revocations.close()
+        if self.database is not None:
+            await self.database.close()
         for backend in self.backends.all:
             backend.pool.close()
         if self._server is not None:

@@ -219,6 +219,7 @@ class DatabaseConfig(Section):
 class RedisConfig(Section):
     url: str | None = None  # None: state in process (one replica only)
     timeout: PositiveSeconds = 0.25
+    key_prefix: str = Field("sluice:", max_length=64)  # lets several deployments share one Redis
 
     @field_validator("url")
     @classmethod
@@ -243,6 +244,7 @@ class RateLimitsConfig(Section):
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     per_ip: IpLimitsConfig = IpLimitsConfig()
     per_key: KeyLimitsConfig = KeyLimitsConfig()  # defaults for keys that set none of their own
+    default_max_tokens: int = Field(1024, ge=1)  # reserved when a request sets no max_tokens
 
     @field_validator("trusted_proxies")
     @classmethod

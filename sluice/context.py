@@ -2,8 +2,9 @@
 
 A `Stage` is `async (ctx, call_next) -> None`: it calls `call_next(ctx)` to continue, or answers itself
 through `ctx.writer` / by raising a `GatewayError` (Envoy's continue or local reply). A `Check` is a
-step that never waits (routing, credentials, body validation): `check(ctx)` returns to continue or
-raises to answer, and costs no coroutine.
+step that usually never waits (routing, credentials, body validation, rate limits): `check(ctx)` returns
+None to continue or raises to answer, and costs no coroutine; when it must wait this time (a database
+lookup, a Redis round trip) it returns an awaitable, which the chain awaits before going on.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class RequestContext:
         "attempts",
         "backend",
         "body",
+        "client_ip",
         "include_usage",
+        "limit_ticket",
         "model",
         "payload",
         "principal",
@@ -87,6 +90,8 @@ class RequestContext:
         self.include_usage = False  # the client asked for the usage chunk
         self.stream_cut = False  # the backend failed after the stream had started
         self.principal: Principal | None = None
+        self.client_ip = request.client_ip  # the real client behind a trusted proxy, once resolved
+        self.limit_ticket: Any = None  # what the rate limits reserved, settled when the request ends
         self.backend = ""
         self.attempts = 0
         self.usage: dict[str, Any] | None = None
@@ -106,4 +111,4 @@ class Stage(Protocol):
 
 
 class Check(Protocol):
-    def check(self, ctx: RequestContext) -> None: ...
+    def check(self, ctx: RequestContext) -> Awaitable[None] | None: ...

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sluice.instruments import Counter, Histogram, collect_all
@@ -63,8 +64,17 @@ class GatewayMetrics:
             "Runtime LoRA loads and unloads the gateway made, by backend, adapter, operation and outcome.",
             ["backend", "adapter", "operation", "outcome"],
         )
+        self.rate_limited = Counter(
+            "sluice_rate_limited",
+            "Requests refused by rate limits, by reason (ip, requests, tokens, concurrency, unavailable).",
+            ["reason"],
+        )
+        self.auth_failures = Counter(
+            "sluice_auth_failures", "Requests refused for their credentials, by reason.", ["reason"]
+        )
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
+        self.rate_limiter: Any = None  # sluice.ratelimit.RateLimiter: degraded, redis_errors
 
     def watch_backends(self, backends: Backends) -> None:
         self.registry.register(_StateCollector(self, backends))
@@ -109,12 +119,22 @@ class _StateCollector(Collector):
         m = self._metrics
         yield from collect_all(
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
-             m.adapter_operations]
+             m.adapter_operations, m.rate_limited, m.auth_failures]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(
             "sluice_queue_depth", "Requests waiting for a backend under its max_concurrency.", m.queue_depth()
         )
+        limiter = m.rate_limiter
+        if limiter is not None:
+            yield GaugeMetricFamily(
+                "sluice_rate_limit_degraded",
+                "1 while Redis is unreachable and rate limits are kept per replica (fail_open).",
+                1.0 if limiter.degraded else 0.0,
+            )
+            yield CounterMetricFamily(
+                "sluice_rate_limit_redis_errors", "Rate-limit calls to Redis that failed.", limiter.redis_errors
+            )
         now = time.monotonic()
         for name, documentation, value in BACKEND_GAUGES:
             family = GaugeMetricFamily(name, documentation, labels=["backend"])

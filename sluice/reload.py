@@ -1,11 +1,12 @@
 """What a configuration reload changes: live sections applied at once, the rest kept until a restart.
 
-`backends`, `auth`, `routing` and `adapters` are applied to a running gateway without dropping a
-connection (`Gateway.reload`): an unchanged backend keeps its connections, health, load and circuits; a
-new or changed one is health-checked before it takes traffic; a removed or replaced one finishes what it
-has in flight and then closes. The other sections (`server`, `timeouts`, `limits`, `health`, `breaker`,
-`logging`) shape sockets, timers and worker processes, so a change to them is reported as needing a
-restart and the running values stay.
+`backends`, `auth`, `routing`, `adapters` and `rate_limits` are applied to a running gateway without
+dropping a connection (`Gateway.reload`): an unchanged backend keeps its connections, health, load and
+circuits; a new or changed one is health-checked before it takes traffic; a removed or replaced one
+finishes what it has in flight and then closes. The other sections (`server`, `timeouts`, `limits`,
+`health`, `breaker`, `logging`, `database`, `redis`) and `auth.key_secret` shape sockets, timers,
+connections and stored hashes, so a change to them is reported as needing a restart and the running
+values stay.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sluice.config import SluiceConfig
 from sluice.config_loader import ConfigError, load_config
 from sluice.errors import InvalidRequest
 
-RESTART_ONLY = ("server", "timeouts", "limits", "health", "breaker", "logging")
+RESTART_ONLY = ("server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis")
 
 
 class InvalidConfig(InvalidRequest):
@@ -48,7 +49,11 @@ class ReloadPlan:
 
 def plan_reload(running: SluiceConfig, new: SluiceConfig) -> ReloadPlan:
     restart = tuple(name for name in RESTART_ONLY if getattr(running, name) != getattr(new, name))
-    effective = new.model_copy(update={name: getattr(running, name) for name in RESTART_ONLY})
+    kept = {name: getattr(running, name) for name in RESTART_ONLY}
+    if new.auth.key_secret != running.auth.key_secret:  # every stored key hash depends on it
+        restart += ("auth.key_secret",)
+        kept["auth"] = new.auth.model_copy(update={"key_secret": running.auth.key_secret})
+    effective = new.model_copy(update=kept)
     before = {b.name: b for b in running.backends}
     after = {b.name: b for b in new.backends}
     return ReloadPlan(

@@ -24,6 +24,8 @@ LOCAL = (
     Route("version", ("GET",), public=True, proxied=False),
     Route("metrics", ("GET",), public=True, proxied=False),
     Route("reload", ("POST",), public=False, proxied=False, admin=True),
+    Route("admin_keys", ("GET", "POST"), public=False, proxied=False, admin=True),
+    Route("admin_key", ("GET", "POST"), public=False, proxied=False, admin=True),
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -35,7 +37,9 @@ PATHS = {
     "/version": LOCAL[3],
     "/metrics": LOCAL[4],
     "/admin/reload": LOCAL[5],
+    "/admin/keys": LOCAL[6],
 }
+PREFIXES = {"/admin/keys/": LOCAL[7]}  # /admin/keys/<id or name>[/revoke|/rotate]
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LocalHandler = Callable[[RequestContext], Awaitable[None]]
 Reload = Callable[[], Awaitable[dict[str, object]]]

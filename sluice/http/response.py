@@ -44,6 +44,7 @@ class ResponseWriter:
         "body_bytes",
         "chunked",
         "conn",
+        "extra",
         "finished",
         "flow",
         "http11",
@@ -64,6 +65,7 @@ class ResponseWriter:
         self.status = 0
         self.body_bytes = 0
         self.flow: FlowListener | None = None
+        self.extra = b""  # header lines added to whatever response is sent (e.g. x-ratelimit-*)
 
     def _head(self, status: int, content_type: bytes, extra: Headers, length: int | None) -> bytes:
         parts = [
@@ -72,6 +74,8 @@ class ResponseWriter:
         ]
         for name, value in extra:
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if self.extra:
+            parts.append(self.extra)
         if length is not None:
             parts.append(b"content-length: %d\r\n" % length)
         elif self.chunked:

@@ -1,62 +1,120 @@
 """Authenticates API calls: deny by default, public routes are the only exception.
 
+A bearer credential is, in this order: a static key from the config (kept only as SHA-256 digests and
+looked up by digest, so timing depends on a hash of the key, never on how many leading characters of a
+real key were guessed; the final comparison is `hmac.compare_digest`), a managed `sk-sluice-…` key from
+the key store (keyed hash, cached; sluice/identity/managed.py), or a JWT from the configured OIDC provider
+(sluice/identity/jwt.py). Static keys and cached managed keys cost no coroutine; a cache miss or a JWT
+waits once. Unknown, revoked and expired keys all get the same 401, which reveals nothing.
+
 Admin routes (`/admin/*`) take only the admin credential (`auth.admin_key`), API routes only API keys;
 with no admin key configured the admin routes answer 404.
-
-Keys from config are kept only as SHA-256 digests. The presented bearer token is hashed and looked up
-by digest, so the time a lookup takes depends on a hash of the key, never on how many leading
-characters of a real key were guessed right; the final comparison uses `hmac.compare_digest`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable
 
-from sluice.config import ApiKeyConfig
-from sluice.context import Principal, RequestContext
+from sluice.config import AuthConfig
+from sluice.context import Limits, Principal, RequestContext
 from sluice.errors import NotFound, Unauthorized
+from sluice.identity.jwt import InvalidToken, JwtVerifier, looks_like_jwt
+from sluice.identity.managed import KeyRejected, ManagedKeys
+from sluice.metrics import GatewayMetrics
 
+log = logging.getLogger("sluice.auth")
 CHALLENGE = (("www-authenticate", 'Bearer realm="sluice"'),)
-
-
-ADMIN = Principal(name="admin", models=frozenset())
+ADMIN = Principal(name="admin", models=frozenset(), subject="admin", kind="admin")
+MANAGED_PREFIX = b"sk-sluice-"
 
 
 class AuthStage:
-    def __init__(self, keys: Iterable[ApiKeyConfig], admin_key: str | None = None) -> None:
-        self._admin = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
+    def __init__(
+        self,
+        config: AuthConfig,
+        metrics: GatewayMetrics,
+        managed: ManagedKeys | None = None,
+        jwt: JwtVerifier | None = None,
+    ) -> None:
+        self._admin = hashlib.sha256(config.admin_key.encode()).digest() if config.admin_key else None
+        self._metrics = metrics
+        self._managed = managed
+        self._jwt = jwt
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
-        for key in keys:
+        for key in config.api_keys:
             digest = hashlib.sha256(key.key.encode()).digest()
-            models = frozenset(key.models) if key.models is not None else None
-            self._by_digest[digest] = (digest, Principal(name=key.name, models=models))
+            principal = Principal(
+                name=key.name,
+                models=frozenset(key.models) if key.models is not None else None,
+                subject=f"static:{key.name}",
+                kind="static",
+                tenant=key.tenant,
+                limits=Limits(key.requests_per_minute, key.tokens_per_minute, key.max_concurrency),
+            )
+            self._by_digest[digest] = (digest, principal)
 
-    def check(self, ctx: RequestContext) -> None:
+    def check(self, ctx: RequestContext) -> Awaitable[None] | None:
         route = ctx.route
         if route is not None and route.admin:
             ctx.principal = self.authenticate_admin(ctx.request.header(b"authorization"))
-        elif route is None or not route.public:
-            ctx.principal = self.authenticate(ctx.request.header(b"authorization"))
+            return None
+        if route is not None and route.public:
+            return None
+        token = self._bearer(ctx.request.header(b"authorization"))
+        digest = hashlib.sha256(token).digest()
+        found = self._by_digest.get(digest)
+        if found is not None and hmac.compare_digest(found[0], digest):
+            ctx.principal = found[1]
+            return None
+        if self._managed is not None and token.startswith(MANAGED_PREFIX):
+            try:
+                principal = self._managed.cached(token)
+            except KeyRejected as rejected:
+                raise self._refuse(rejected.reason) from None
+            if principal is not None:
+                ctx.principal = principal
+                return None
+            return self._look_up(ctx, self._managed, token)
+        if self._jwt is not None:
+            principal = self._jwt.cached(token.decode("latin-1"))  # a token verified a moment ago
+            if principal is not None:
+                ctx.principal = principal
+                return None
+            if looks_like_jwt(token):
+                return self._verify(ctx, self._jwt, token)
+        raise self._refuse("unknown")
+
+    async def _look_up(self, ctx: RequestContext, managed: ManagedKeys, token: bytes) -> None:
+        try:
+            ctx.principal = await managed.resolve(token)
+        except KeyRejected as rejected:
+            raise self._refuse(rejected.reason) from None
+
+    async def _verify(self, ctx: RequestContext, verifier: JwtVerifier, token: bytes) -> None:
+        try:
+            ctx.principal = await verifier.verify(token.decode("latin-1"))
+        except InvalidToken as invalid:
+            log.info("bearer token refused", extra={"request_id": ctx.request_id, "reason": invalid.reason})
+            self._metrics.auth_failures.child("jwt").inc()
+            raise
+
+    def _refuse(self, reason: str) -> Unauthorized:
+        self._metrics.auth_failures.child(reason).inc()
+        return Unauthorized("Invalid API key.", headers=CHALLENGE)
 
     def authenticate_admin(self, header: bytes | None) -> Principal:
         if self._admin is None:
             raise NotFound("The admin API is off: set auth.admin_key to enable it.")
-        digest = hashlib.sha256(_bearer(header)).digest()
+        digest = hashlib.sha256(self._bearer(header)).digest()
         if not hmac.compare_digest(self._admin, digest):
-            raise Unauthorized("Invalid admin key.", headers=CHALLENGE)
+            raise self._refuse("admin")
         return ADMIN
 
-    def authenticate(self, header: bytes | None) -> Principal:
-        digest = hashlib.sha256(_bearer(header)).digest()
-        found = self._by_digest.get(digest)
-        if found is None or not hmac.compare_digest(found[0], digest):
-            raise Unauthorized("Invalid API key.", headers=CHALLENGE)
-        return found[1]
-
-
-def _bearer(header: bytes | None) -> bytes:
-    if header is None or len(header) < 8 or header[:7].lower() != b"bearer ":
-        raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.", headers=CHALLENGE)
-    return header[7:].strip()
+    def _bearer(self, header: bytes | None) -> bytes:
+        if header is None or len(header) < 8 or header[:7].lower() != b"bearer ":
+            self._metrics.auth_failures.child("missing").inc()
+            raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.", headers=CHALLENGE)
+        return header[7:].strip()

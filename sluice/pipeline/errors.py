@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from sluice.context import Handler, RequestContext
 from sluice.errors import GatewayError, internal_error_body
@@ -24,10 +25,17 @@ STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
 class ErrorsStage:
-    def __init__(self, metrics: GatewayMetrics, backends: Backends, access_log: AccessLog | None) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        backends: Backends,
+        access_log: AccessLog | None,
+        on_finish: Callable[[RequestContext, int], None] | None = None,
+    ) -> None:
         self._metrics = metrics
         self._backends = backends
         self._access_log = access_log
+        self._on_finish = on_finish  # settles what the rate limits reserved
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
         self._metrics.in_flight += 1
@@ -47,6 +55,8 @@ class ErrorsStage:
             self._finalize(ctx, status)
 
     def _finalize(self, ctx: RequestContext, status: int) -> None:
+        if ctx.limit_ticket is not None and self._on_finish is not None:
+            self._on_finish(ctx, status)
         metrics = self._metrics
         metrics.in_flight -= 1
         elapsed = time.perf_counter() - ctx.started
@@ -76,7 +86,7 @@ class ErrorsStage:
                     "served_model": ctx.served_model or None,
                     "backend": ctx.backend or None,
                     "key": ctx.principal.name if ctx.principal else None,
-                    "client_ip": ctx.request.client_ip,
+                    "client_ip": ctx.client_ip,
                     "stream": ctx.stream,
                     "attempts": ctx.attempts,
                     "duration_ms": round(elapsed * 1000, 3),

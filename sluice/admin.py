@@ -1,0 +1,130 @@
+"""The admin API for managed keys (`/admin/keys`), behind the admin credential (`auth.admin_key`).
+
+    GET  /admin/keys                   list (`?all=1` includes revoked keys)
+    POST /admin/keys                   create: {"name", "models", "tenant", "requests_per_minute",
+                                       "tokens_per_minute", "max_concurrency", "expires_at"} → 201, the key once
+    GET  /admin/keys/<id or name>      one key's record
+    POST /admin/keys/<id or name>/revoke
+    POST /admin/keys/<id or name>/rotate   → the new key, once
+
+Records never contain the key, only its display prefix. Revoking or rotating evicts the key from this
+replica's cache and announces it to the others (sluice/identity/revocations.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sluice.config import NAME_PATTERN
+from sluice.context import RequestContext
+from sluice.errors import GatewayError, InvalidJSON, InvalidRequest, MethodNotAllowed, NotFound
+from sluice.identity.keys import DuplicateName, InvalidKeyRequest, KeyNotFound, KeyRecord, KeyRevoked, KeyStore
+from sluice.identity.managed import ManagedKeys
+
+PREFIX = "/admin/keys"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    models: list[str] | None = None
+    tenant: str | None = None
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    expires_at: datetime | None = None
+
+
+class AdminKeys:
+    def __init__(
+        self, managed: ManagedKeys | None, announce: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
+        self._managed = managed
+        self._announce = announce
+
+    async def collection(self, ctx: RequestContext) -> None:
+        store = self._store()
+        if ctx.request.method == "GET":
+            records = await store.list(include_revoked="all=1" in (ctx.request.query or ""))
+            ctx.writer.send(200, orjson.dumps({"object": "list", "data": [_public(r) for r in records]}))
+            return
+        wanted = _parse(ctx.request.body)
+        try:
+            key, record = await store.create(
+                wanted.name,
+                models=wanted.models,
+                tenant=wanted.tenant,
+                requests_per_minute=wanted.requests_per_minute,
+                tokens_per_minute=wanted.tokens_per_minute,
+                max_concurrency=wanted.max_concurrency,
+                expires_at=wanted.expires_at,
+            )
+        except DuplicateName as exc:
+            raise Conflict(str(exc), param="name") from None
+        except InvalidKeyRequest as exc:
+            raise InvalidRequest(str(exc)) from None
+        ctx.writer.send(201, orjson.dumps({**_public(record), "key": key}))
+
+    async def item(self, ctx: RequestContext) -> None:
+        store = self._store()
+        parts = ctx.request.path[len(PREFIX) + 1 :].split("/")
+        ident, action = parts[0], (parts[1] if len(parts) > 1 else "")
+        if not ident or len(parts) > 2 or action not in ("", "revoke", "rotate"):
+            raise NotFound(f"Unknown path {ctx.request.path[:200]}; see GET {PREFIX}.")
+        wanted = "GET" if not action else "POST"
+        if ctx.request.method != wanted:
+            raise MethodNotAllowed(f"Use {wanted} on {ctx.request.path[:200]}.", headers=(("allow", wanted),))
+        try:
+            if not action:
+                ctx.writer.send(200, orjson.dumps(_public(await store.get(ident))))
+                return
+            if action == "revoke":
+                record = await store.revoke(ident)
+                answer: dict[str, Any] = _public(record)
+            else:
+                key, record = await store.rotate(ident)
+                answer = {**_public(record), "key": key}
+        except KeyRevoked:
+            raise Conflict(f"The key '{ident[:100]}' is revoked and cannot be rotated; create a new one.") from None
+        except KeyNotFound:
+            raise NotFound(f"No key with id or name '{ident[:100]}'.") from None
+        assert self._managed is not None
+        self._managed.evict(record.id)
+        if self._announce is not None:
+            await self._announce(record.id)
+        ctx.writer.send(200, orjson.dumps(answer))
+
+    def _store(self) -> KeyStore:
+        if self._managed is None:
+            raise NotFound("Managed keys are off: set auth.key_secret (e.g. from SLUICE_KEY_SECRET) to use them.")
+        return self._managed.store
+
+
+def _parse(raw: bytes) -> NewKey:
+    try:
+        body = orjson.loads(raw or b"null")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
+    try:
+        return NewKey.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidRequest(f"{where}: {first['msg']}", param=where) from None
+
+
+def _public(record: KeyRecord) -> dict[str, Any]:
+    """A key's record as the API shows it: everything but the secret."""
+    return record.as_dict()
