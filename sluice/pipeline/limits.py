@@ -25,7 +25,7 @@ from sluice.context import RequestContext
 from sluice.errors import GatewayError
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.client_address import ClientAddress
-from sluice.ratelimit import Lease, LimiterUnavailable, Quota, RateLimiter, Verdict
+from sluice.ratelimit import Lease, LimiterUnavailable, Quota, QuotaState, RateLimiter, Verdict
 
 BYTES_PER_TOKEN = 4  # a conservative prompt estimate from the body size; settled with the real count
 
@@ -65,6 +65,7 @@ class LimitsCheck:
         self._lease_ttl = lease_ttl
         self._metrics = metrics
         self._settling: set[asyncio.Task[None]] = set()
+        self._request_quotas: dict[tuple[str, int], Quota] = {}  # per caller: the same object every time
 
     def check(self, ctx: RequestContext) -> Awaitable[None] | None:
         route = ctx.route
@@ -86,7 +87,7 @@ class LimitsCheck:
             concurrency = limits.max_concurrency or defaults.max_concurrency
             subject = principal.subject or principal.name
             if rpm is not None:
-                quotas.append(Quota(f"{subject}:req", rpm / 60.0, max(1.0, math.ceil(rpm / 60.0)), 1.0, "requests"))
+                quotas.append(self._requests_quota(subject, rpm))
             if tpm is not None:
                 cost = self._token_estimate(ctx)
                 if cost > tpm:
@@ -100,7 +101,20 @@ class LimitsCheck:
                 lease = Lease(f"{subject}:conc", concurrency, ctx.request_id, self._lease_ttl)
         if not quotas and lease is None:
             return None
+        verdict = self._limiter.decide_now(quotas, lease)
+        if verdict is not None:  # in process: decided without a coroutine
+            self._apply(ctx, verdict, tokens, lease)
+            return None
         return self._admit(ctx, quotas, tokens, lease)
+
+    def _requests_quota(self, subject: str, rpm: int) -> Quota:
+        quota = self._request_quotas.get((subject, rpm))
+        if quota is None:
+            if len(self._request_quotas) >= 100_000:
+                self._request_quotas.clear()
+            burst = max(1.0, math.ceil(rpm / 60.0))  # one second's worth
+            quota = self._request_quotas[subject, rpm] = Quota(f"{subject}:req", rpm / 60.0, burst, 1.0, "requests")
+        return quota
 
     def _token_estimate(self, ctx: RequestContext) -> int:
         body: dict[str, Any] = ctx.body or {}
@@ -121,6 +135,9 @@ class LimitsCheck:
                 "requests then (rate_limits.on_redis_failure: fail_closed); retry later.",
                 headers=(("retry-after", "1"),),
             ) from None
+        self._apply(ctx, verdict, tokens, lease)
+
+    def _apply(self, ctx: RequestContext, verdict: Verdict, tokens: Quota | None, lease: Lease | None) -> None:
         ctx.writer.extra = _headers(verdict)
         if not verdict.allowed:
             refused = verdict.refused_by or ""
@@ -171,21 +188,23 @@ def _describe(refused: str) -> str:
 
 
 def _headers(verdict: Verdict) -> bytes:
-    """OpenAI's x-ratelimit-* headers from the tightest requests quota and the tokens quota."""
-    requests = [s for s in verdict.states if s.quota.kind == "requests"]
-    tokens = [s for s in verdict.states if s.quota.kind == "tokens"]
-    lines = []
-    for family, states in (("requests", requests), ("tokens", tokens)):
-        if not states:
-            continue
-        tightest = min(states, key=lambda s: s.remaining)
-        per_minute = round(tightest.quota.rate * 60)
-        lines.append(
-            f"x-ratelimit-limit-{family}: {per_minute}\r\n"
-            f"x-ratelimit-remaining-{family}: {max(0, math.floor(tightest.remaining))}\r\n"
-            f"x-ratelimit-reset-{family}: {duration(tightest.reset_after)}\r\n"
-        )
-    return "".join(lines).encode("latin-1")
+    """OpenAI's x-ratelimit-* headers from the tightest requests quota and the tokens quota (one pass)."""
+    requests = tokens = None
+    for state in verdict.states:
+        if state.quota.kind == "requests":
+            if requests is None or state.remaining < requests.remaining:
+                requests = state
+        elif tokens is None or state.remaining < tokens.remaining:
+            tokens = state
+    head = _family(b"requests", requests) if requests is not None else b""
+    return head + _family(b"tokens", tokens) if tokens is not None else head
+
+
+def _family(name: bytes, state: QuotaState) -> bytes:
+    return b"x-ratelimit-limit-%s: %d\r\nx-ratelimit-remaining-%s: %d\r\nx-ratelimit-reset-%s: %s\r\n" % (
+        name, round(state.quota.rate * 60), name, max(0, math.floor(state.remaining)), name,
+        duration(state.reset_after).encode(),
+    )  # fmt: skip
 
 
 def duration(seconds: float) -> str:

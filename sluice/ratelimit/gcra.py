@@ -17,9 +17,11 @@ from dataclasses import dataclass
 EPSILON = 1e-6  # seconds of slack when comparing times: Redis TIME's resolution, far above float rounding
 LEASE_RETRY_AFTER = 1.0  # a concurrency slot frees when some request ends, which no clock can predict
 DIGITS = 6  # states are rounded to a microsecond (a millionth of a unit), so 4.9999999 does not floor to 4
+# The value objects are built on every request, so they are plain slotted dataclasses: a frozen one costs
+# four times as much to build (1.8 µs against 0.45 µs here). Treat them as immutable all the same.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Quota:
     """One GCRA limit checked for a request."""
 
@@ -30,7 +32,7 @@ class Quota:
     kind: str  # "requests" or "tokens": which x-ratelimit-* header family it feeds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lease:
     """One concurrency slot, held from admission until settled (or until `ttl` if never settled)."""
 
@@ -40,14 +42,14 @@ class Lease:
     ttl: float  # seconds after which the slot of a crashed gateway is reclaimed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QuotaState:
     quota: Quota
     remaining: float  # units left after this request; when refused, the units available now
     reset_after: float  # seconds until the bucket is full again
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     allowed: bool
     retry_after: float  # seconds until this request would be allowed (0 when allowed; inf: cost > burst)

@@ -15,18 +15,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
 from sluice.ratelimit.gcra import ALLOWED, Lease, Quota, Verdict
 from sluice.ratelimit.local import LocalStore
 from sluice.ratelimit.redis_store import RedisStore
+from sluice.ratelimit.resp import RespClient, RespError
 
 log = logging.getLogger("sluice.ratelimit")
-FAILURES = (RedisError, OSError)  # what counts as Redis being unavailable (script errors included: they alert)
+FAILURES = (RespError, OSError)  # what counts as Redis being unavailable (script errors included: they alert)
 
 
 class LimiterUnavailable(Exception):
@@ -62,14 +57,7 @@ class RateLimiter:
     async def start(self) -> None:
         if self._url is None:
             return
-        pool = ConnectionPool.from_url(
-            self._url,
-            max_connections=self._max_connections,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),  # once, for a connection Redis closed
-        )
-        self._redis = RedisStore(Redis(connection_pool=pool), self._prefix)
+        self._redis = RedisStore(RespClient(self._url, self._timeout), self._prefix)
         try:
             await self._redis.load()
         except FAILURES as error:
@@ -77,8 +65,14 @@ class RateLimiter:
 
     async def close(self) -> None:
         if self._redis is not None:
-            await self._redis.client.aclose(close_connection_pool=True)
+            await self._redis.client.close()
             self._redis = None
+
+    def decide_now(self, quotas: Sequence[Quota], lease: Lease | None = None) -> Verdict | None:
+        """The verdict without waiting when no Redis is configured (embedded mode); else None: use `admit`."""
+        if self._url is not None:
+            return None
+        return self._local.admit(quotas, lease) if quotas or lease is not None else ALLOWED
 
     async def admit(self, quotas: Sequence[Quota], lease: Lease | None = None) -> Verdict:
         """Allow the request only if every quota and the lease allow it; spend them only then."""

@@ -11,10 +11,10 @@ so on Redis Cluster they would need one hash slot (not supported: one Redis, or 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from redis.asyncio import Redis
+from typing import Any
 
 from sluice.ratelimit.gcra import EPSILON, Lease, Quota, Verdict, decide
+from sluice.ratelimit.resp import RespClient, RespError
 
 EPOCH = 1_700_000_000  # 2023-11-14; changing it strands the stored TATs, which only live as long as a window
 
@@ -102,16 +102,27 @@ return 1
 class RedisStore:
     __slots__ = ("_admit", "_prefix", "_settle", "client")
 
-    def __init__(self, client: Redis, key_prefix: str) -> None:
+    def __init__(self, client: RespClient, key_prefix: str) -> None:
         self.client = client
         self._prefix = key_prefix
-        self._admit = client.register_script(ADMIT)  # EVALSHA, loading the script again after NOSCRIPT
-        self._settle = client.register_script(SETTLE)
+        self._admit = ""  # the scripts' SHA1s, once loaded
+        self._settle = ""
 
     async def load(self) -> None:
         """Load both scripts now, so the first requests do not pay for NOSCRIPT (also checks Redis answers)."""
-        await self.client.script_load(ADMIT)
-        await self.client.script_load(SETTLE)
+        self._admit = (await self.client.call("SCRIPT", "LOAD", ADMIT)).decode()
+        self._settle = (await self.client.call("SCRIPT", "LOAD", SETTLE)).decode()
+
+    async def _run(self, script: str, keys: list[str], args: list[float | int | str]) -> Any:
+        sha = self._admit if script is ADMIT else self._settle
+        try:
+            return await self.client.call("EVALSHA", sha, len(keys), *keys, *args)
+        except RespError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+        await self.load()  # Redis restarted or flushed its script cache
+        sha = self._admit if script is ADMIT else self._settle
+        return await self.client.call("EVALSHA", sha, len(keys), *keys, *args)
 
     async def admit(self, quotas: Sequence[Quota], lease: Lease | None) -> Verdict:
         prefix = self._prefix
@@ -122,7 +133,7 @@ class RedisStore:
         if lease is not None:
             keys.append(prefix + lease.key)
             args += (lease.limit, lease.lease_id, lease.ttl)
-        reply = await self._admit(keys, args)
+        reply = await self._run(ADMIT, keys, args)
         tats = [float(tat) for tat in reply[3:]]
         verdict, _ = decide(float(reply[1]), quotas, tats, lease, reply[2] == 1, False)
         return verdict
@@ -136,4 +147,4 @@ class RedisStore:
         if lease is not None:
             keys.append(prefix + lease.key)
             args.append(lease.lease_id)
-        await self._settle(keys, args)
+        await self._run(SETTLE, keys, args)
