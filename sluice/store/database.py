@@ -83,19 +83,28 @@ class Database(ABC):
     def transaction(self) -> AbstractAsyncContextManager[Session]: ...
 
     @abstractmethod
-    async def execute(self, query: str, *args: Any) -> int: ...
+    def _session(self) -> AbstractAsyncContextManager[Session]:
+        """A session for one statement outside a transaction (a pooled connection, or the one connection)."""
 
-    @abstractmethod
-    async def execute_script(self, script: str) -> None: ...
+    async def execute(self, query: str, *args: Any) -> int:
+        async with self._session() as session:
+            return await session.execute(query, *args)
 
-    @abstractmethod
-    async def fetch(self, query: str, *args: Any) -> list[Row]: ...
+    async def execute_script(self, script: str) -> None:
+        async with self._session() as session:
+            await session.execute_script(script)
 
-    @abstractmethod
-    async def fetchrow(self, query: str, *args: Any) -> Row | None: ...
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        async with self._session() as session:
+            return await session.fetch(query, *args)
 
-    @abstractmethod
-    async def fetchval(self, query: str, *args: Any) -> Any: ...
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        async with self._session() as session:
+            return await session.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self._session() as session:
+            return await session.fetchval(query, *args)
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -116,26 +116,6 @@ class PostgresDatabase(Database):
                 raise
             await session.run(transaction.commit())
 
-    async def execute(self, query: str, *args: Any) -> int:
-        async with self._session() as session:
-            return await session.execute(query, *args)
-
-    async def execute_script(self, script: str) -> None:
-        async with self._session() as session:
-            await session.execute_script(script)
-
-    async def fetch(self, query: str, *args: Any) -> list[Row]:
-        async with self._session() as session:
-            return await session.fetch(query, *args)
-
-    async def fetchrow(self, query: str, *args: Any) -> Row | None:
-        async with self._session() as session:
-            return await session.fetchrow(query, *args)
-
-    async def fetchval(self, query: str, *args: Any) -> Any:
-        async with self._session() as session:
-            return await session.fetchval(query, *args)
-
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self._pool.close(), self._timeout)

@@ -132,7 +132,7 @@ class SqliteDatabase(Database):
     def __init__(self, connection: aiosqlite.Connection, url: str, timeout: float) -> None:
         self.url = url
         self._connection = connection
-        self._session = _SqliteSession(connection, url, timeout)
+        self._only = _SqliteSession(connection, url, timeout)
         self._lock = asyncio.Lock()  # one connection: a transaction must not interleave with other statements
         self._holder: asyncio.Task[Any] | None = None
 
@@ -162,19 +162,19 @@ class SqliteDatabase(Database):
         return database
 
     @asynccontextmanager
-    async def _exclusive(self) -> AsyncIterator[_SqliteSession]:
+    async def _session(self) -> AsyncIterator[_SqliteSession]:
         if self._holder is not None and self._holder is asyncio.current_task():
             raise RuntimeError("inside `async with db.transaction() as tx`, run statements on tx, not on db")
         async with self._lock:
             self._holder = asyncio.current_task()
             try:
-                yield self._session
+                yield self._only
             finally:
                 self._holder = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
-        async with self._exclusive() as session:
+        async with self._session() as session:
             await session.execute("BEGIN IMMEDIATE")
             try:
                 yield session
@@ -182,26 +182,6 @@ class SqliteDatabase(Database):
             except BaseException:
                 await session.rollback()
                 raise
-
-    async def execute(self, query: str, *args: Any) -> int:
-        async with self._exclusive() as session:
-            return await session.execute(query, *args)
-
-    async def execute_script(self, script: str) -> None:
-        async with self._exclusive() as session:
-            await session.execute_script(script)
-
-    async def fetch(self, query: str, *args: Any) -> list[Row]:
-        async with self._exclusive() as session:
-            return await session.fetch(query, *args)
-
-    async def fetchrow(self, query: str, *args: Any) -> Row | None:
-        async with self._exclusive() as session:
-            return await session.fetchrow(query, *args)
-
-    async def fetchval(self, query: str, *args: Any) -> Any:
-        async with self._exclusive() as session:
-            return await session.fetchval(query, *args)
 
     async def close(self) -> None:
         await self._connection.close()

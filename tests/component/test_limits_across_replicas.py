@@ -15,25 +15,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.component.test_chaos import wait_ok
 from tests.conftest import free_port
 
 KEY = "sk-replicas-0123456789"
 SECONDS = 10.0
 CLIENTS = 30
-
-
-async def wait_ready(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} not ready within {timeout} s")
 
 
 @pytest.fixture
@@ -65,9 +52,9 @@ async def replicas(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncItera
                 subprocess.Popen([sys.executable, "-m", "sluice", "serve", "--config", str(config)])
             )
             urls.append(f"http://127.0.0.1:{port}")
-        await wait_ready(f"http://127.0.0.1:{fake_port}/health")
-        for url in urls:
-            await wait_ready(url + "/ready")
+        async with aiohttp.ClientSession() as session:
+            for url in (f"http://127.0.0.1:{fake_port}/health", *(u + "/ready" for u in urls)):
+                await wait_ok(session, url)
         yield urls
     finally:
         for process in processes:
