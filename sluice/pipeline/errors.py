@@ -30,7 +30,7 @@ class ErrorsStage:
         metrics: GatewayMetrics,
         backends: Backends,
         access_log: AccessLog | None,
-        on_finish: Callable[[RequestContext, int], None] | None = None,
+        on_finish: Callable[[RequestContext], None] | None = None,
     ) -> None:
         self._metrics = metrics
         self._backends = backends
@@ -56,7 +56,7 @@ class ErrorsStage:
 
     def _finalize(self, ctx: RequestContext, status: int) -> None:
         if ctx.limit_ticket is not None and self._on_finish is not None:
-            self._on_finish(ctx, status)
+            self._on_finish(ctx)
         metrics = self._metrics
         metrics.in_flight -= 1
         elapsed = time.perf_counter() - ctx.started

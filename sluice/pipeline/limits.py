@@ -148,7 +148,7 @@ class LimitsCheck:
         if tokens is not None or lease is not None:
             ctx.limit_ticket = Ticket(tokens, lease)
 
-    def finish(self, ctx: RequestContext, status: int) -> None:
+    def finish(self, ctx: RequestContext) -> None:
         """Settle what the request reserved (in the background: the client is not kept waiting)."""
         ticket = ctx.limit_ticket
         if ticket is None:
@@ -158,8 +158,9 @@ class LimitsCheck:
         if ticket.tokens is not None:
             usage = ctx.usage or {}
             used = usage.get("total_tokens")
-            if not isinstance(used, int):
-                used = 0 if status >= 400 else int(ticket.tokens.cost)  # a failed request used nothing
+            if not isinstance(used, int):  # no usage seen: a failure before any answer used nothing, while
+                # an answer that began (a stream the client left) keeps its whole reservation
+                used = int(ticket.tokens.cost) if ctx.writer.status == 200 else 0
             adjust.append((ticket.tokens, float(used)))
         task = asyncio.get_running_loop().create_task(self._limiter.settle(adjust, ticket.lease))
         self._settling.add(task)

@@ -147,3 +147,19 @@ async def test_redis_outage_fail_closed_answers_503_then_recovers(fake: StartFak
         await redis.start()
         await asyncio.sleep(1.2)
         assert (await post(gw))[0] == 200
+
+
+async def test_a_stream_the_client_leaves_keeps_its_token_reservation(fake: StartFake, gateway: StartGateway) -> None:
+    backend = await fake("base", tokens=200, itl_ms=20)
+    gw = await gateway([backend], health=HEALTH, auth=keys(tokens_per_minute=2000), redis=redis_section())
+    body = {**CHAT, "max_tokens": 1500, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+        assert response.status == 200
+        await response.content.readline()
+        response.close()  # gone mid-stream: no usage seen, so nothing is refunded
+    await asyncio.sleep(0.3)
+    status, _, _ = await post(gw, {**CHAT, "max_tokens": 1500})
+    assert status == 429
