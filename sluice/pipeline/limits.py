@@ -72,9 +72,9 @@ class LimitsCheck:
         if route is None or not route.proxied:
             return None
         quotas: list[Quota] = []
+        address = ctx.client_ip = self._address.resolve(ctx.request)  # also what the access log shows
         per_ip = self._stream if ctx.stream else self._plain
         if per_ip is not None:
-            address = ctx.client_ip = self._address.resolve(ctx.request)
             kind = "stream" if ctx.stream else "req"
             quotas.append(Quota(f"ip:{address}:{kind}", per_ip.rate, per_ip.burst, 1.0, "requests"))
         principal = ctx.principal
