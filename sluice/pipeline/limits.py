@@ -128,6 +128,10 @@ class LimitsCheck:
     async def _admit(self, ctx: RequestContext, quotas: list[Quota], tokens: Quota | None, lease: Lease | None) -> None:
         try:
             verdict = await self._limiter.admit(quotas, lease)
+        except asyncio.CancelledError:
+            if lease is not None:  # the client left while Redis decided: give back the slot it may now hold
+                self._settle_later((), lease)
+            raise
         except LimiterUnavailable:
             self._metrics.rate_limited.child("unavailable").inc()
             raise LimitsUnavailable(
@@ -162,7 +166,10 @@ class LimitsCheck:
                 # an answer that began (a stream the client left) keeps its whole reservation
                 used = int(ticket.tokens.cost) if ctx.writer.status == 200 else 0
             adjust.append((ticket.tokens, float(used)))
-        task = asyncio.get_running_loop().create_task(self._limiter.settle(adjust, ticket.lease))
+        self._settle_later(adjust, ticket.lease)
+
+    def _settle_later(self, adjust: list[tuple[Quota, float]] | tuple[()], lease: Lease | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._limiter.settle(adjust, lease))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from typing import Any
 
@@ -163,3 +164,22 @@ async def test_a_stream_the_client_leaves_keeps_its_token_reservation(fake: Star
     await asyncio.sleep(0.3)
     status, _, _ = await post(gw, {**CHAT, "max_tokens": 1500})
     assert status == 429
+
+
+async def test_a_client_leaving_during_admission_gives_its_concurrency_slot_back(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    gw = await gateway([await fake("base")], health=HEALTH, auth=keys(max_concurrency=1), redis=redis_section())
+    admit = gw.limiter.admit
+
+    async def slow_admit(*args: Any, **kwargs: Any) -> Any:
+        verdict = await admit(*args, **kwargs)  # Redis has granted the slot...
+        await asyncio.sleep(0.5)  # ...but the answer is still on its way when the client leaves
+        return verdict
+
+    gw.limiter.admit = slow_admit  # type: ignore[method-assign]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(post(gw), 0.2)
+    gw.limiter.admit = admit  # type: ignore[method-assign]
+    await asyncio.sleep(0.6)
+    assert (await post(gw))[0] == 200  # the abandoned request's slot came back
