@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from bench.env import BenchError
@@ -13,15 +14,20 @@ KEY_ENV = "SLUICE_BENCH_KEY"
 READY_TIMEOUT_S = 30.0
 
 
-def config_yaml(port: int, upstream_port: int) -> str:
-    """Minimal gateway config: one backend, one API key taken from the environment."""
+def config_yaml(port: int, upstream_port: int, *, key_limits: Mapping[str, int] | None = None, extra: str = "") -> str:
+    """Minimal gateway config: one backend, one API key taken from the environment.
+
+    ``key_limits`` become fields of the key (``requests_per_minute``…); ``extra`` is appended as more
+    top-level sections (``redis``, ``rate_limits``).
+    """
+    limits = "".join(f", {name}: {value}" for name, value in (key_limits or {}).items())
     return f"""server: {{host: {LOCALHOST}, port: {port}}}
 backends:
   - {{name: bench, url: "http://{LOCALHOST}:{upstream_port}"}}
 auth:
   api_keys:
-    - {{name: bench, key: "${{{KEY_ENV}}}"}}
-"""
+    - {{name: bench, key: "${{{KEY_ENV}}}"{limits}}}
+{extra}"""
 
 
 def serve_command(config: Path) -> list[str]:
@@ -34,12 +40,22 @@ def serve_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "sluice.cli", "serve", "--config", str(config)]
 
 
-def start_gateway(workdir: Path, port: int, upstream_port: int, *, key: str, taskset: str, cpu: int) -> Service:
+def start_gateway(
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    *,
+    key: str,
+    taskset: str,
+    cpu: int,
+    key_limits: Mapping[str, int] | None = None,
+    extra: str = "",
+) -> Service:
     """Start the gateway pinned to ``cpu`` and wait until ``GET /ready`` answers 200."""
     if importlib.util.find_spec("sluice.cli") is None:
         raise BenchError("sluice.cli does not exist yet")
     config = workdir / f"sluice-{port}.yaml"
-    config.write_text(config_yaml(port, upstream_port))
+    config.write_text(config_yaml(port, upstream_port, key_limits=key_limits, extra=extra))
     service = start(
         f"sluice-{port}", serve_command(config), cpu=cpu, taskset=taskset, logdir=workdir, env={KEY_ENV: key}
     )

@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 
 from bench.env import CpuPlan, Machine
-from bench.scenarios import LoadReport, StreamReport
+from bench.scenarios import LIMITS_BARE, LIMITS_LOCAL, LIMITS_REDIS, LoadReport, StreamReport
 from bench.targets import STACKS
 
 DOC_INTRO = """# Benchmarks
 
 Run the suite with `make bench` (or `python -m bench.run`; `--quick` for a smoke run, `--only
-core|streams|stacks|strategies` for one part, `--no-write` to leave this file alone). It needs `wrk` and
+core|limits|streams|stacks|strategies` for one part, `--no-write` to leave this file alone). It needs `wrk` and
 `nginx` (`apt-get install -y wrk nginx-light`) and the bench extras (`pip install -r bench/requirements.txt`).
 
 Every proxy under test (the Sluice gateway, nginx as a plain reverse proxy with one worker, the
@@ -25,6 +25,7 @@ between. Requests are `POST /v1/chat/completions` with a small JSON body and a b
 
 SECTIONS = {
     "core": "## Non-streaming: direct vs Sluice vs nginx",
+    "limits": "## Auth and rate limits on the hot path",
     "streams": "## Streaming: 100 concurrent streams",
     "stacks": "## HTTP stack study",
     "affinity": "## Prefix-cache affinity on real vLLM: round_robin vs affinity",
@@ -36,6 +37,12 @@ LABELS = {
     "nginx": "nginx reverse proxy (1 worker)",
     **{spec.name: spec.label for spec in STACKS},
 }
+LIMITS_LABELS = {
+    LIMITS_BARE: "Sluice, static key, no limits",
+    LIMITS_REDIS: "Sluice + key limits in Redis (loopback)",
+    LIMITS_LOCAL: "Sluice + key limits in process",
+}
+LIMITS_TARGET_MS = 0.3  # issue 5: auth + rate limiting may add at most this much p50 at c=100
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -85,6 +92,47 @@ def core_markdown(report: LoadReport, machine: Machine, cpus: CpuPlan) -> str:
                 f"{_num(result.p50_ms, 3)} | {_num(result.p99_ms, 3)} | {added} | {result.errors} | "
                 f"{_num(report.rss_mib.get(name), 1)} |"
             )
+    return "\n".join(lines) + "\n" + _skipped_lines([(s.name, s.reason) for s in report.skipped])
+
+
+def limits_markdown(report: LoadReport, machine: Machine, cpus: CpuPlan) -> str:
+    """Bare gateway vs the same with per-key limits: the p50 the limits add, and at the highest
+    concurrency (gateway CPU-bound) the CPU time they add per request, 1/req/s limited - 1/req/s bare."""
+    detail = "; ".join(
+        [f"wrk 1 thread, {report.duration_s:g} s per run, median of {report.rounds} round(s)", *report.notes]
+    )
+    high = report.concurrencies[-1]
+    lines = [
+        _preamble(machine, cpus, detail),
+        f"| c | target | req/s | p50 ms | p99 ms | added p50 ms | added µs per request (c={high}: 1/req/s) | "
+        "errors | RSS MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for connections in report.concurrencies:
+        bare = report.get(LIMITS_BARE, connections)
+        for name in report.targets:
+            result = report.get(name, connections)
+            if result is None:
+                continue
+            added_p50 = added_us = "—"
+            if bare is not None and name != LIMITS_BARE:
+                added_p50 = _signed(result.p50_ms - bare.p50_ms)
+                if connections == high:
+                    added_us = f"{(1 / result.requests_per_s - 1 / bare.requests_per_s) * 1e6:+.0f}"
+            lines.append(
+                f"| {connections} | {LIMITS_LABELS.get(name, name)} | {_num(result.requests_per_s, 0)} | "
+                f"{_num(result.p50_ms, 3)} | {_num(result.p99_ms, 3)} | {added_p50} | {added_us} | "
+                f"{result.errors} | {_num(report.rss_mib.get(name), 1)} |"
+            )
+    bare = report.get(LIMITS_BARE, high)
+    verdicts = []
+    for name, where in ((LIMITS_REDIS, "with Redis"), (LIMITS_LOCAL, "in process")):
+        result = report.get(name, high)
+        if bare is not None and result is not None:
+            added = result.p50_ms - bare.p50_ms
+            verdicts.append(f"{_signed(added)} ms {where} ({'met' if added <= LIMITS_TARGET_MS else 'not met'})")
+    if verdicts:
+        lines.append(f"\nAdded p50 at c={high} (target ≤ {LIMITS_TARGET_MS:g} ms): {'; '.join(verdicts)}.")
     return "\n".join(lines) + "\n" + _skipped_lines([(s.name, s.reason) for s in report.skipped])
 
 

@@ -1,9 +1,10 @@
 """One command for the benchmark suite: ``python -m bench.run`` (``make bench``).
 
 Runs, side by side, direct-to-upstream vs the Sluice gateway vs nginx as a plain reverse proxy
-(non-streaming with wrk at concurrency 1/10/100, then 100 concurrent streams), the HTTP stack study,
-and the routing strategies on fake vLLM backends (``bench/strategies.py``). Progress goes to stderr,
-Markdown tables to stdout, and the tables into ``docs/benchmarks.md``.
+(non-streaming with wrk at concurrency 1/10/100, then 100 concurrent streams), the cost of per-key rate
+limits (in Redis and in process) over the bare gateway, the HTTP stack study, and the routing strategies
+on fake vLLM backends (``bench/strategies.py``). Progress goes to stderr, Markdown tables to stdout, and
+the tables into ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bench.scenarios import LoadReport, StreamReport
 from bench.strategies import StrategiesReport
 from bench.targets import STACKS, Lab
 
-PARTS = ("core", "streams", "stacks", "strategies")
+PARTS = ("core", "limits", "streams", "stacks", "strategies")
 QUICK_STRATEGY_REQUESTS = 120
 Result = LoadReport | StreamReport | StrategiesReport
 DEFAULT_DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -98,6 +99,9 @@ def plan(options: Options) -> Progress:
     if "core" in options.parts:
         s, t = scenarios.load_plan(3, scenarios.CORE_CONCURRENCY, options.duration_s, options.rounds)
         steps, seconds = steps + s, seconds + t
+    if "limits" in options.parts:
+        s, t = scenarios.load_plan(3, scenarios.LIMITS_CONCURRENCY, options.duration_s, options.rounds)
+        steps, seconds = steps + s, seconds + t
     if "streams" in options.parts:
         s, t = scenarios.stream_plan(options.stream_rounds)
         steps, seconds = steps + s, seconds + t
@@ -147,6 +151,10 @@ def run(options: Options) -> int:
                     results[part] = scenarios.run_core(
                         lab, progress, duration_s=options.duration_s, rounds=options.rounds
                     )
+                elif part == "limits":
+                    results[part] = scenarios.run_limits(
+                        lab, progress, duration_s=options.duration_s, rounds=options.rounds
+                    )
                 elif part == "streams":
                     results[part] = scenarios.run_streams(lab, progress, rounds=options.stream_rounds)
                 elif part == "strategies":
@@ -186,6 +194,8 @@ def render(results: dict[str, Result], host: Machine, cpus: CpuPlan) -> dict[str
             blocks[part] = report.streams_markdown(result, host, cpus)
         elif part == "core":
             blocks[part] = report.core_markdown(result, host, cpus)
+        elif part == "limits":
+            blocks[part] = report.limits_markdown(result, host, cpus)
         else:
             blocks[part] = report.stacks_markdown(result, host, cpus)
     return blocks

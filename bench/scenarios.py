@@ -1,4 +1,4 @@
-"""The three scenarios: core (wrk through direct/sluice/nginx), streams, and the HTTP stack study."""
+"""The wrk and stream scenarios: core (direct/sluice/nginx), limits (auth + rate limits), streams, stacks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ from bench.progress import Progress
 from bench.targets import STACKS, Lab, Skipped, Target
 
 CORE_CONCURRENCY = (1, 10, 100)
+LIMITS_CONCURRENCY = (1, 100)
+LIMITS_BARE = "sluice"
+LIMITS_REDIS = "sluice+limits (redis)"
+LIMITS_LOCAL = "sluice+limits (in process)"
+# High enough never to refuse at any throughput this harness reaches, yet every request is counted: one
+# requests quota, one tokens quota reserved and settled, one concurrency lease taken and released.
+UNREFUSABLE = {"requests_per_minute": 10**9, "tokens_per_minute": 10**9, "max_concurrency": 10**6}
+LIMITS_HEADER = "x-ratelimit-limit-requests"
 STACK_CONCURRENCY = (1, 100)
 WARMUP_S = 1.0
 WRK_OVERHEAD_S = 0.5
@@ -44,6 +53,7 @@ class LoadReport:
     rows: list[LoadRow] = field(default_factory=list)
     rss_mib: dict[str, float | None] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def get(self, target: str, connections: int) -> WrkResult | None:
         return next((r.result for r in self.rows if r.target == target and r.connections == connections), None)
@@ -104,15 +114,21 @@ def run_load(
     concurrencies: tuple[int, ...],
     duration_s: float,
     rounds: int,
+    require_2xx: bool = False,
 ) -> LoadReport:
-    """Warm each target up, then wrk every target at every concurrency, ``rounds`` times interleaved."""
+    """Warm each target up, then wrk every target at every concurrency, ``rounds`` times interleaved.
+
+    With ``require_2xx`` any answer that is not 2xx, warm-up included, stops the run with an error.
+    """
     report = LoadReport([t.name for t in targets], concurrencies, duration_s, rounds, skipped=skipped)
     runs: dict[tuple[str, int], list[WrkResult]] = {}
     env = _wrk_env(lab)
     wrk = functools.partial(run_wrk, wrk=lab.tools.wrk, taskset=lab.tools.taskset, cpu=lab.cpus.rest, env=env)
     for target in targets:
         progress.note(f"{title}: warming up {target.name} ({WARMUP_S:g} s at c={max(concurrencies)})")
-        wrk(target.chat_url, connections=max(concurrencies), duration_s=WARMUP_S)
+        warmup = wrk(target.chat_url, connections=max(concurrencies), duration_s=WARMUP_S)
+        if require_2xx:
+            _require_2xx(title, target.name, max(concurrencies), warmup, "warm-up")
     for round_no in range(1, rounds + 1):
         for target in targets:
             for connections in concurrencies:
@@ -127,12 +143,23 @@ def run_load(
                     f"{result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.3f} ms, "
                     f"p99 {result.p99_ms:.3f} ms{errors}"
                 )
+                if require_2xx:
+                    _require_2xx(title, target.name, connections, result, "run")
                 runs.setdefault((target.name, connections), []).append(result)
     for target in targets:
         report.rss_mib[target.name] = target.rss_mib() if target.name != "direct" else None
         for connections in concurrencies:
             report.rows.append(LoadRow(target.name, connections, _median_run(runs[(target.name, connections)])))
     return report
+
+
+def _require_2xx(title: str, target: str, connections: int, result: WrkResult, what: str) -> None:
+    if result.non_2xx:
+        raise BenchError(
+            f"{title}: {target} answered {result.non_2xx:,} of {result.requests:,} requests with a non-2xx status "
+            f"in the c={connections} {what}; every request must be admitted for the numbers to mean anything "
+            f"(gateway logs: --logs DIR)"
+        )
 
 
 def _measured(
@@ -163,6 +190,44 @@ def run_core(lab: Lab, progress: Progress, *, duration_s: float, rounds: int) ->
         duration_s=duration_s,
         rounds=rounds,
     )
+
+
+def run_limits(lab: Lab, progress: Progress, *, duration_s: float, rounds: int) -> LoadReport:
+    """Auth + rate limits on the hot path: bare Sluice vs per-key limits in Redis vs in process, c=1 and 100."""
+    progress.note("limits: starting canned upstream and three Sluice gateways (no limits, Redis, in process)")
+    upstream = lab.canned_upstream()
+    notes: list[str] = []
+    candidates: list[Target | Skipped] = [lab.preflight(lab.sluice(upstream, name=LIMITS_BARE))]
+    try:
+        redis = lab.redis()
+    except BenchError as exc:
+        candidates.append(Skipped(LIMITS_REDIS, str(exc)))
+    else:
+        prefix = f"sluice-bench-{secrets.token_hex(4)}:"  # fresh counters, apart from anything else in that Redis
+        # fail_closed: a Redis failure answers 503, which the run refuses, instead of quietly limiting in process
+        extra = (
+            f'redis: {{url: "{redis.url}", key_prefix: "{prefix}"}}\nrate_limits: {{on_redis_failure: fail_closed}}\n'
+        )
+        gateway = lab.sluice(upstream, name=LIMITS_REDIS, key_limits=UNREFUSABLE, extra=extra)
+        candidates.append(lab.preflight(gateway, header=LIMITS_HEADER))
+        notes.append(f"Redis: {redis.description}, keys prefixed `{prefix}`")
+    local = lab.sluice(upstream, name=LIMITS_LOCAL, key_limits=UNREFUSABLE)
+    candidates.append(lab.preflight(local, header=LIMITS_HEADER))
+    steps, seconds = load_plan(1, LIMITS_CONCURRENCY, duration_s, rounds)
+    targets, skipped = _measured(candidates, progress, steps, seconds)
+    report = run_load(
+        lab,
+        progress,
+        title="limits",
+        targets=targets,
+        skipped=skipped,
+        concurrencies=LIMITS_CONCURRENCY,
+        duration_s=duration_s,
+        rounds=rounds,
+        require_2xx=True,
+    )
+    report.notes = notes
+    return report
 
 
 def run_stacks(lab: Lab, progress: Progress, *, duration_s: float, rounds: int) -> LoadReport:

@@ -1,21 +1,27 @@
-"""The lab: upstreams and proxies under test, started pinned and stopped when a scenario ends."""
+"""The lab: upstreams, proxies under test and a Redis, started pinned and stopped when a scenario ends."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import socket
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import gateway, nginx
 from bench.env import BenchError, CpuPlan, Tools, missing_modules
-from bench.procs import LOCALHOST, Service, free_port, http_status, start, wait_http, wait_tcp
+from bench.procs import LOCALHOST, Service, free_port, start, wait_http, wait_tcp
 
 FAKE_VLLM_MODULE = "sluice.testing.fake_vllm"
 STREAM_ITL_MS = 20
 STREAM_TOKENS = 64
+REDIS_PORT = 6379  # the machine's own Redis, used when it answers PING without a password
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,14 @@ class Skipped:
 
     name: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redis:
+    """The Redis a gateway under test keeps its rate limits in, and how it runs (for the report)."""
+
+    url: str
+    description: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +155,15 @@ class Lab:
         )
         return Target("nginx", f"http://{LOCALHOST}:{port}", self._keep(service))
 
-    def sluice(self, upstream: Target) -> Target | Skipped:
-        """The Sluice gateway in front of ``upstream``, or why it could not run."""
+    def sluice(
+        self,
+        upstream: Target,
+        *,
+        name: str = "sluice",
+        key_limits: Mapping[str, int] | None = None,
+        extra: str = "",
+    ) -> Target | Skipped:
+        """The Sluice gateway in front of ``upstream``, or why it could not run (config: ``gateway.config_yaml``)."""
         port = free_port()
         try:
             service = gateway.start_gateway(
@@ -152,10 +173,35 @@ class Lab:
                 key=self.key,
                 taskset=self.tools.taskset,
                 cpu=self.cpus.proxy,
+                key_limits=key_limits,
+                extra=extra,
             )
         except BenchError as exc:
-            return Skipped("sluice", f"gateway not measured: {exc}")
-        return Target("sluice", f"http://{LOCALHOST}:{port}", self._keep(service))
+            return Skipped(name, f"gateway not measured: {exc}")
+        return Target(name, f"http://{LOCALHOST}:{port}", self._keep(service))
+
+    def redis(self) -> Redis:
+        """Redis on loopback: the machine's on port 6379 if it answers, else a throwaway one for this lab."""
+        if _redis_answers(REDIS_PORT):
+            return Redis(
+                f"redis://{LOCALHOST}:{REDIS_PORT}/0", f"the machine's Redis on {LOCALHOST}:{REDIS_PORT} (not pinned)"
+            )
+        server = shutil.which("redis-server")
+        if server is None:
+            raise BenchError(
+                f"no Redis answers on {LOCALHOST}:{REDIS_PORT} and redis-server is not installed "
+                "(apt-get install -y redis-server)"
+            )
+        port = free_port()
+        argv = [server, "--port", str(port), "--bind", LOCALHOST, "--save", "", "--appendonly", "no"]
+        service = self._keep(
+            start(f"redis-{port}", argv, cpu=self.cpus.rest, taskset=self.tools.taskset, logdir=self.workdir)
+        )
+        wait_tcp(service, port)
+        return Redis(
+            f"redis://{LOCALHOST}:{port}/0",
+            f"a throwaway redis-server on {LOCALHOST}:{port}, no persistence, on CPU {self.cpus.rest}",
+        )
 
     def stack(self, spec: StackSpec, upstream: Target) -> Target | Skipped:
         """One alternative proxy of the stack study, or why it could not run."""
@@ -189,17 +235,41 @@ class Lab:
             return Skipped(spec.name, str(exc))
         return Target(spec.name, f"http://{LOCALHOST}:{port}", service)
 
-    def preflight(self, target: Target | Skipped) -> Target | Skipped:
-        """One real chat request; a target that does not answer 200 with choices is skipped."""
+    def preflight(self, target: Target | Skipped, *, header: str | None = None) -> Target | Skipped:
+        """One real chat request; a target that does not answer 200 with choices (and ``header``) is skipped."""
         if isinstance(target, Skipped):
             return target
         body = json.dumps({"model": nginx.MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
-        status, answer = http_status(target.chat_url, method="POST", body=body, headers=headers, timeout=5.0)
-        if status == 200 and b'"choices"' in answer:
-            return target
-        return Skipped(target.name, f"preflight POST answered {status}: {answer[:200].decode(errors='replace')}")
+        status, answer, received = _post(target.chat_url, body, headers)
+        if status != 200 or b'"choices"' not in answer:
+            return Skipped(target.name, f"preflight POST answered {status}: {answer[:200].decode(errors='replace')}")
+        if header is not None and header not in received:
+            return Skipped(target.name, f"preflight answer has no {header} header (are the limits in force?)")
+        return target
 
 
 def _port(target: Target) -> int:
     return int(target.base_url.rsplit(":", 1)[1])
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+    """POST to 127.0.0.1: status, body and lower-cased headers; ``(0, reason, {})`` if it could not be made."""
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5.0) as response:
+            return int(response.status), response.read(), {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), {k.lower(): v for k, v in exc.headers.items()}
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(exc).encode(), {}
+
+
+def _redis_answers(port: int) -> bool:
+    """Whether a Redis on 127.0.0.1:``port`` answers PING (one that wants a password does not)."""
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
