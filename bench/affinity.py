@@ -33,9 +33,34 @@ from sluice.engine.launch import engine_url, start_engine, stop_engine, wait_hea
 
 KEY = "sk-bench-affinity-0123456789"
 WORDS = (
-    "river", "stone", "ledger", "harbor", "copper", "lantern", "meadow", "signal", "orchard", "vessel",
-    "thunder", "archive", "quartz", "pilgrim", "canyon", "velvet", "engine", "marble", "falcon", "cipher",
-    "garden", "beacon", "summit", "willow", "anchor", "prism", "tundra", "ember",
+    "river",
+    "stone",
+    "ledger",
+    "harbor",
+    "copper",
+    "lantern",
+    "meadow",
+    "signal",
+    "orchard",
+    "vessel",
+    "thunder",
+    "archive",
+    "quartz",
+    "pilgrim",
+    "canyon",
+    "velvet",
+    "engine",
+    "marble",
+    "falcon",
+    "cipher",
+    "garden",
+    "beacon",
+    "summit",
+    "willow",
+    "anchor",
+    "prism",
+    "tundra",
+    "ember",
 )
 
 
@@ -57,15 +82,19 @@ def system_prompt(rng: random.Random, words: int) -> str:
 def workload(seed: int, prompts: int, uses: int, words: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     systems = [system_prompt(rng, words) for _ in range(prompts)]
-    requests = [(system, f"Question {i}: summarise note {rng.randint(1, 999)}.") for system in systems
-                for i in range(uses)]
+    requests = [
+        (system, f"Question {i}: summarise note {rng.randint(1, 999)}.") for system in systems for i in range(uses)
+    ]
     rng.shuffle(requests)
     return requests
 
 
 async def one(session: aiohttp.ClientSession, url: str, system: str, question: str) -> tuple[float, int]:
     body = {
-        "model": "gemma-3-270m", "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True},
+        "model": "gemma-3-270m",
+        "max_tokens": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
     }
     started = time.perf_counter()
@@ -139,8 +168,9 @@ def markdown(results: list[Result], prompts: int, uses: int, concurrency: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.affinity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.affinity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--uses", type=int, default=3)
     parser.add_argument("--words", type=int, default=1450, help="words per system prompt (about 1 token each)")
@@ -150,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = load_engine_info(args.data_dir)
     if info is None:
-        print(f"bench: error: the engine is not prepared in {args.data_dir}: run `sluice engine prepare`",
-              file=sys.stderr)
+        print(
+            f"bench: error: the engine is not prepared in {args.data_dir}: run `sluice engine prepare`", file=sys.stderr
+        )
         return 2
     processes = []
     try:

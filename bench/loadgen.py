@@ -54,9 +54,23 @@ def parse_wrk(output: str) -> WrkResult:
 
 
 def run_wrk(
-    url: str, *, connections: int, duration_s: float, wrk: str, taskset: str, cpu: int, env: dict[str, str]
+    url: str,
+    *,
+    connections: int,
+    duration_s: float,
+    wrk: str,
+    taskset: str,
+    cpu: int,
+    env: dict[str, str],
+    pause_ms: float | None = None,
 ) -> WrkResult:
-    """One wrk run (1 thread, ``connections`` connections) pinned to ``cpu``, bounded in time."""
+    """One wrk run (1 thread, ``connections`` connections) pinned to ``cpu``, bounded in time.
+
+    ``pause_ms``: each connection pauses a random time of that mean before each request (see chat.lua), so
+    the offered rate is about ``connections / pause`` instead of as fast as the target answers.
+    """
+    if pause_ms is not None:
+        env = {**env, "SLUICE_BENCH_PAUSE_MS": f"{pause_ms:g}"}
     argv = [
         taskset,
         "-c",

@@ -102,6 +102,8 @@ def plan(options: Options) -> Progress:
     if "limits" in options.parts:
         s, t = scenarios.load_plan(3, scenarios.LIMITS_CONCURRENCY, options.duration_s, options.rounds)
         steps, seconds = steps + s, seconds + t
+        s, t = scenarios.paced_plan(3, options.duration_s, options.rounds)
+        steps, seconds = steps + s, seconds + t
     if "streams" in options.parts:
         s, t = scenarios.stream_plan(options.stream_rounds)
         steps, seconds = steps + s, seconds + t

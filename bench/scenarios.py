@@ -25,6 +25,9 @@ LIMITS_LOCAL = "sluice+limits (in process)"
 # requests quota, one tokens quota reserved and settled, one concurrency lease taken and released.
 UNREFUSABLE = {"requests_per_minute": 10**9, "tokens_per_minute": 10**9, "max_concurrency": 10**6}
 LIMITS_HEADER = "x-ratelimit-limit-requests"
+# The c=100 p50 target is about the limiter, not about queueing: measured again with 100 connections that
+# offer this many requests/s together (about a fifth of the bare gateway's capacity on one core).
+LIMITS_PACED_RATE = 1000
 STACK_CONCURRENCY = (1, 100)
 WARMUP_S = 1.0
 WRK_OVERHEAD_S = 0.5
@@ -54,6 +57,8 @@ class LoadReport:
     rss_mib: dict[str, float | None] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    paced_rate: float = 0.0  # offered requests/s of the paced runs (0: none)
+    paced: dict[str, WrkResult] = field(default_factory=dict)  # target -> median paced run at max(concurrencies)
 
     def get(self, target: str, connections: int) -> WrkResult | None:
         return next((r.result for r in self.rows if r.target == target and r.connections == connections), None)
@@ -227,7 +232,51 @@ def run_limits(lab: Lab, progress: Progress, *, duration_s: float, rounds: int) 
         require_2xx=True,
     )
     report.notes = notes
+    _run_paced(lab, progress, report, targets, duration_s=duration_s, rounds=rounds)
     return report
+
+
+def paced_plan(targets: int, duration_s: float, rounds: int) -> tuple[int, float]:
+    """Steps and seconds of the limits part's paced runs."""
+    return targets * rounds, targets * rounds * (duration_s + WRK_OVERHEAD_S)
+
+
+def _run_paced(
+    lab: Lab, progress: Progress, report: LoadReport, targets: list[Target], *, duration_s: float, rounds: int
+) -> None:
+    """Each target at the highest concurrency again, offered LIMITS_PACED_RATE requests/s in total."""
+    connections = max(report.concurrencies)
+    pause_ms = connections / LIMITS_PACED_RATE * 1000
+    env = _wrk_env(lab)
+    runs: dict[str, list[WrkResult]] = {}
+    for round_no in range(1, rounds + 1):
+        for target in targets:
+            suffix = f", round {round_no}/{rounds}" if rounds > 1 else ""
+            progress.step(
+                f"limits: {target.name} c={connections} paced at {LIMITS_PACED_RATE:,} req/s "
+                f"({duration_s:g} s{suffix})",
+                duration_s + WRK_OVERHEAD_S,
+            )
+            result = run_wrk(
+                target.chat_url,
+                connections=connections,
+                duration_s=duration_s,
+                wrk=lab.tools.wrk,
+                taskset=lab.tools.taskset,
+                cpu=lab.cpus.rest,
+                env=env,
+                pause_ms=pause_ms,
+            )
+            progress.note(f"{result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.3f} ms, p99 {result.p99_ms:.3f} ms")
+            _require_2xx("limits", target.name, connections, result, "paced run")
+            runs.setdefault(target.name, []).append(result)
+    report.paced_rate = LIMITS_PACED_RATE
+    report.paced = {name: _median_by_p50(results) for name, results in runs.items()}
+
+
+def _median_by_p50(results: list[WrkResult]) -> WrkResult:
+    ordered = sorted(results, key=lambda r: r.p50_ms)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def run_stacks(lab: Lab, progress: Progress, *, duration_s: float, rounds: int) -> LoadReport:
