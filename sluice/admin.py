@@ -2,7 +2,8 @@
 
     GET  /admin/keys                   list (`?all=1` includes revoked keys)
     POST /admin/keys                   create: {"name", "models", "tenant", "requests_per_minute",
-                                       "tokens_per_minute", "max_concurrency", "expires_at"} → 201, the key once
+                                       "tokens_per_minute", "max_concurrency", "expires_at",
+                                       "log_bodies"} → 201, the key once
     GET  /admin/keys/<id or name>      one key's record
     POST /admin/keys/<id or name>/revoke
     POST /admin/keys/<id or name>/rotate   → the new key, once
@@ -45,12 +46,11 @@ class NewKey(BaseModel):
     tokens_per_minute: int | None = Field(None, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     expires_at: datetime | None = None
+    log_bodies: bool = False
 
 
 class AdminKeys:
-    def __init__(
-        self, managed: ManagedKeys | None, announce: Callable[[str], Awaitable[None]] | None = None
-    ) -> None:
+    def __init__(self, managed: ManagedKeys | None, announce: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._managed = managed
         self._announce = announce
 
@@ -70,6 +70,7 @@ class AdminKeys:
                 tokens_per_minute=wanted.tokens_per_minute,
                 max_concurrency=wanted.max_concurrency,
                 expires_at=wanted.expires_at,
+                log_bodies=wanted.log_bodies,
             )
         except DuplicateName as exc:
             raise Conflict(str(exc), param="name") from None

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sluice.admin import AdminKeys
+from sluice.audit.capture import RecordBuilder
+from sluice.audit.writer import AuditWriter
 from sluice.config import BackendConfig, SluiceConfig
 from sluice.context import RequestContext
 from sluice.deadlines import Deadlines
@@ -27,6 +29,7 @@ from sluice.identity.managed import ManagedKeys
 from sluice.identity.revocations import RevocationFeed
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
+from sluice.pipeline.audit_gate import AuditGate
 from sluice.pipeline.auth import AuthStage
 from sluice.pipeline.chain import build_chain
 from sluice.pipeline.dispatch import Dispatcher
@@ -82,6 +85,9 @@ class Gateway:
         self.metrics.rate_limiter = self.limiter
         self.jwt = JwtVerifier(config.auth.jwt) if config.auth.jwt is not None else None
         self.database: Database | None = None
+        self._opening_database = asyncio.Lock()
+        self.audit = AuditWriter(config.audit, self._open_database) if config.audit.enabled else None
+        self.metrics.audit = self.audit
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self._limits = self._limits_check(config)
@@ -106,7 +112,14 @@ class Gateway:
     def _build_chain(self, config: SluiceConfig) -> Callable[[RequestContext], Awaitable[None]]:
         """The pipeline for `config`'s live sections (built again on every reload)."""
         dispatcher = Dispatcher(
-            self.backends, self.monitor, self.metrics, config.timeouts, config.routing, self.admission, self.placer
+            self.backends,
+            self.monitor,
+            self.metrics,
+            config.timeouts,
+            config.routing,
+            self.admission,
+            self.placer,
+            config.audit.body_max_bytes if self.audit is not None else 0,
         )
         local = LocalRoutes(
             self.backends, self.metrics, config.routing.retry_after, lambda: self.draining, self.reload_from_file
@@ -119,10 +132,13 @@ class Gateway:
             assert route is not None
             return dispatcher(ctx) if route.proxied else local.handlers[route.name](ctx)
 
+        audit = (self.audit, RecordBuilder(self.backends, config.audit.body_max_bytes)) if self.audit else None
+        gate = [AuditGate(self.audit, config.routing.retry_after)] if self.audit is not None else []
         return build_chain(
             [
-                ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish),
+                ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish, audit),
                 IngressStage(PATHS, PREFIXES),
+                *gate,
                 AuthStage(config.auth, self.metrics, self.managed, self.jwt),
                 ParseStage(),
                 self._limits,
@@ -212,6 +228,8 @@ class Gateway:
         if self.jwt is not None:
             await self.jwt.start()
         await self._open_key_store()
+        if self.audit is not None:
+            await self.audit.start()
         self._chain = self._build_chain(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
@@ -238,12 +256,24 @@ class Gateway:
         secret = self.config.auth.key_secret
         if secret is None:
             return
-        self.database = await Database.connect(self.config.database)
-        await upgrade(self.database)
+        self.database = await self._open_database()
         self.managed = ManagedKeys(KeyStore(self.database, secret.encode()), self.config.auth.key_cache_ttl)
         if self.config.redis.url is not None:
             self.revocations = RevocationFeed(self.config.redis.url, self.managed.evict)
             await self.revocations.start()
+
+    async def _open_database(self) -> Database:
+        """`database.url`, connected and migrated, once (managed keys and the audit log share it)."""
+        async with self._opening_database:
+            if self.database is None:
+                database = await Database.connect(self.config.database)
+                try:
+                    await upgrade(database)
+                except BaseException:
+                    await database.close()
+                    raise
+                self.database = database
+            return self.database
 
     @property
     def url(self) -> str:
@@ -281,6 +311,8 @@ class Gateway:
             await self.jwt.close()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.audit is not None:
+            await self.audit.close()
         if self.database is not None:
             await self.database.close()
         for backend in self.backends.all:

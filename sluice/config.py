@@ -70,6 +70,7 @@ class ApiKeyConfig(KeyLimitsConfig):
     key: str = Field(min_length=8)
     models: tuple[str, ...] | None = None
     tenant: str | None = None
+    log_bodies: bool = False  # store this key's prompts and responses in the audit log (audit.body_max_bytes)
 
 
 JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
@@ -254,6 +255,23 @@ class RateLimitsConfig(Section):
         return proxies
 
 
+class AuditConfig(Section):
+    """The audit and usage log (sluice/audit/): a row per request in `database.url`, never on the request path."""
+
+    enabled: bool = True
+    batch_size: int = Field(500, ge=1, le=10_000)  # rows per insert
+    flush_interval: PositiveSeconds = 0.2  # at most this long between a request's end and its insert
+    queue_size: int = Field(20_000, ge=100)  # records waiting in memory for the writer
+    write_timeout: PositiveSeconds = 5.0  # an insert slower than this counts as a database outage
+    retry_interval: PositiveSeconds = 2.0  # how often an unreachable database is tried again
+    journal_dir: str = "data/sluice/audit-journal"  # where records wait on disk while the database is away
+    journal_max_bytes: int = Field(1024**3, ge=1024 * 1024)
+    on_full: Literal["reject", "drop"] = "reject"  # queue and journal both full: 503 new requests, or drop
+    retention_days: int = Field(30, ge=0)  # 0: keep every day
+    partitions_ahead: int = Field(3, ge=1, le=60)  # daily partitions created in advance (PostgreSQL)
+    body_max_bytes: int = Field(16 * 1024, ge=0)  # cap on stored prompt and response, for keys that log bodies
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -273,6 +291,7 @@ class SluiceConfig(Section):
     database: DatabaseConfig = DatabaseConfig()
     redis: RedisConfig = RedisConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
+    audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ class Principal:
     user: str | None = None
     scopes: frozenset[str] = frozenset()
     limits: Limits = Limits()
+    log_bodies: bool = False  # store prompts and responses with the audit rows (capped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +60,14 @@ class RequestContext:
         "attempts",
         "backend",
         "body",
+        "capture",
         "client_ip",
         "include_usage",
         "limit_ticket",
         "model",
         "payload",
         "principal",
+        "rate_limit",
         "request",
         "route",
         "served_model",
@@ -92,6 +95,8 @@ class RequestContext:
         self.principal: Principal | None = None
         self.client_ip = request.client_ip  # the real client behind a trusted proxy, once resolved
         self.limit_ticket: Any = None  # what the rate limits reserved, settled when the request ends
+        self.rate_limit: str | None = None  # the limits' verdict for the audit log: allowed, limited, fail_open…
+        self.capture: bytearray | None = None  # the response, kept for the audit log (keys that log bodies)
         self.backend = ""
         self.attempts = 0
         self.usage: dict[str, Any] | None = None

@@ -27,27 +27,36 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "sluice_requests", "Requests answered, by route, model, backend and HTTP status.",
+            "sluice_requests",
+            "Requests answered, by route, model, backend and HTTP status.",
             ["route", "model", "backend", "status"],
         )
         self.duration = Histogram(
-            "sluice_request_duration_seconds", "Time from request received to response finished.",
-            ["route"], LATENCY_BUCKETS,
+            "sluice_request_duration_seconds",
+            "Time from request received to response finished.",
+            ["route"],
+            LATENCY_BUCKETS,
         )
         self.ttft = Histogram(
-            "sluice_time_to_first_token_seconds", "Time from request received to the first streamed token.",
-            ["model"], TTFT_BUCKETS,
+            "sluice_time_to_first_token_seconds",
+            "Time from request received to the first streamed token.",
+            ["model"],
+            TTFT_BUCKETS,
         )
         self.tpot = Histogram(
-            "sluice_time_per_output_token_seconds", "Mean time between streamed tokens of one response.",
-            ["model"], TPOT_BUCKETS,
+            "sluice_time_per_output_token_seconds",
+            "Mean time between streamed tokens of one response.",
+            ["model"],
+            TPOT_BUCKETS,
         )
         self.tokens = Counter(
-            "sluice_tokens", "Tokens reported by the backends, by model and kind (prompt, completion).",
+            "sluice_tokens",
+            "Tokens reported by the backends, by model and kind (prompt, completion).",
             ["model", "kind"],
         )
         self.retries = Counter(
-            "sluice_upstream_retries", "Requests retried on another backend, by the backend that failed and why.",
+            "sluice_upstream_retries",
+            "Requests retried on another backend, by the backend that failed and why.",
             ["backend", "reason"],
         )
         self.circuit_transitions = Counter(
@@ -56,7 +65,8 @@ class GatewayMetrics:
             ["backend", "model", "state"],
         )
         self.stream_errors = Counter(
-            "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
+            "sluice_stream_errors",
+            "Streams cut after they started (answered with an SSE error event).",
             ["backend"],
         )
         self.adapter_operations = Counter(
@@ -75,6 +85,7 @@ class GatewayMetrics:
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
         self.rate_limiter: Any = None  # sluice.ratelimit.RateLimiter: degraded, redis_errors
+        self.audit: Any = None  # sluice.audit.writer.AuditWriter: counts, queue, journal, database_up
 
     def watch_backends(self, backends: Backends) -> None:
         self.registry.register(_StateCollector(self, backends))
@@ -118,8 +129,19 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
         yield from collect_all(
-            [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
-             m.adapter_operations, m.rate_limited, m.auth_failures]
+            [
+                m.requests,
+                m.duration,
+                m.ttft,
+                m.tpot,
+                m.tokens,
+                m.retries,
+                m.stream_errors,
+                m.circuit_transitions,
+                m.adapter_operations,
+                m.rate_limited,
+                m.auth_failures,
+            ]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(
@@ -135,6 +157,8 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(
                 "sluice_rate_limit_redis_errors", "Rate-limit calls to Redis that failed.", limiter.redis_errors
             )
+        if m.audit is not None:
+            yield from _audit_metrics(m.audit)
         now = time.monotonic()
         for name, documentation, value in BACKEND_GAUGES:
             family = GaugeMetricFamily(name, documentation, labels=["backend"])
@@ -152,3 +176,22 @@ class _StateCollector(Collector):
             for model, breaker in backend.model_breakers.items():
                 family.add_metric([backend.name, model], int(breaker.state))
         yield family
+
+
+def _audit_metrics(writer: Any) -> Iterator[Metric]:
+    records = CounterMetricFamily(
+        "sluice_audit_records",
+        "Audit records by what became of them: written (to the database), journaled (to disk while the database "
+        "was away), replayed (from the journal), dropped (no room, audit.on_full: drop), rejected (requests "
+        "refused for want of room, audit.on_full: reject).",
+        labels=["outcome"],
+    )
+    for outcome, count in writer.counts.items():
+        records.add_metric([outcome], count)
+    yield records
+    yield GaugeMetricFamily("sluice_audit_queue_depth", "Audit records waiting in memory for the writer.",
+                            len(writer.queue))  # fmt: skip
+    yield GaugeMetricFamily("sluice_audit_journal_bytes", "Bytes of audit records waiting in the on-disk journal.",
+                            writer.journal.pending_bytes)  # fmt: skip
+    yield GaugeMetricFamily("sluice_audit_database_up", "1 while audit records go straight to the database.",
+                            1.0 if writer.database_up else 0.0)  # fmt: skip

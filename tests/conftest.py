@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,11 @@ async def fake() -> AsyncIterator[StartFake]:
 
 
 def gateway_config(backends: list[dict[str, Any]], **sections: Any) -> SluiceConfig:
+    """A test gateway's configuration; its database and audit journal live in a fresh temporary folder."""
+    scratch = Path(tempfile.mkdtemp(prefix="sluice-gw-"))
     data: dict[str, Any] = {
+        "database": {"url": f"sqlite:///{scratch}/sluice.db"},
+        "audit": {"journal_dir": str(scratch / "journal")},
         "server": {"host": "127.0.0.1", "port": 0},
         "backends": backends,
         "auth": {"api_keys": [{"name": "test", "key": API_KEY}]},

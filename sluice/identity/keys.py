@@ -38,7 +38,7 @@ ID_PREFIX = "k_"
 ID_CHARS = 10
 COLUMNS = (
     "id, name, prefix, models, tenant, requests_per_minute, tokens_per_minute, max_concurrency, "
-    "created_at, expires_at, revoked_at, rotated_at"
+    "created_at, expires_at, revoked_at, rotated_at, log_bodies"
 )
 KeyState = Literal["active", "revoked", "expired"]
 
@@ -79,6 +79,7 @@ class KeyRecord:
     expires_at: datetime | None
     revoked_at: datetime | None
     rotated_at: datetime | None
+    log_bodies: bool = False  # prompts and responses are stored with the audit rows (capped)
 
     def state(self, now: datetime | None = None) -> KeyState:
         if self.revoked_at is not None:
@@ -95,6 +96,7 @@ class KeyRecord:
             kind="managed",
             tenant=self.tenant,
             limits=Limits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrency),
+            log_bodies=self.log_bodies,
         )
 
     def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class KeyRecord:
             "expires_at": iso(self.expires_at),
             "revoked_at": iso(self.revoked_at),
             "rotated_at": iso(self.rotated_at),
+            "log_bodies": self.log_bodies,
         }
 
 
@@ -154,6 +157,7 @@ class KeyStore:
         tokens_per_minute: int | None = None,
         max_concurrency: int | None = None,
         expires_at: datetime | None = None,
+        log_bodies: bool = False,
     ) -> tuple[str, KeyRecord]:
         """A new key (returned this once) and its record; naive `expires_at` is taken as UTC."""
         now = self._clock()
@@ -173,11 +177,12 @@ class KeyStore:
             expires_at=expires_at,
             revoked_at=None,
             rotated_at=None,
+            log_bodies=log_bodies,
         )
         try:
             await self._db.execute(
                 f"INSERT INTO api_keys (digest, {COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 self.digest(key.encode()),
                 record.id,
                 record.name,
@@ -191,6 +196,7 @@ class KeyStore:
                 record.expires_at,
                 None,
                 None,
+                record.log_bodies,
             )
         except UniqueViolation:
             raise DuplicateName(f"a key named {name!r} already exists; revoke it or choose another name") from None
@@ -254,7 +260,13 @@ async def _find(session: Session, id_or_name: str) -> KeyRecord:
 
 def _record(row: Row) -> KeyRecord:
     models = row["models"]
-    return KeyRecord(**{**row, "models": None if models is None else tuple(json.loads(models))})
+    return KeyRecord(
+        **{
+            **row,
+            "models": None if models is None else tuple(json.loads(models)),
+            "log_bodies": bool(row["log_bodies"]),
+        }
+    )
 
 
 def _aware(value: datetime) -> datetime:

@@ -84,6 +84,7 @@ async def _keys(args: argparse.Namespace, config: SluiceConfig) -> None:
                 tokens_per_minute=args.tpm,
                 max_concurrency=args.max_concurrency,
                 expires_at=args.expires,
+                log_bodies=args.log_bodies,
             )
             _print_new_key(f"Created key {record.name!r}.", key, record, args.json)
         elif args.command == "list":
@@ -174,6 +175,7 @@ def _fields(record: KeyRecord) -> str:
         ("expires", _when(record.expires_at, "never")),
         ("created", _when(record.created_at)),
     ]
+    pairs += [("bodies", "logged in the audit log")] if record.log_bodies else []
     pairs += [("rotated", _when(record.rotated_at))] if record.rotated_at else []
     pairs += [("revoked", _when(record.revoked_at))] if record.revoked_at else []
     return "\n".join(f"  {name:<8} {value}" for name, value in pairs)
@@ -193,6 +195,9 @@ def _keys_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-concurrency", type=_positive, metavar="N", help="requests in flight at once")
     create.add_argument(
         "--expires", type=_expiry, metavar="WHEN", help="2027-01-31 (00:00 UTC that day) or 2027-01-31T12:00:00Z"
+    )
+    create.add_argument(
+        "--log-bodies", action="store_true", help="store its prompts and responses in the audit log (capped)"
     )
 
     listing = commands.add_parser("list", parents=[common], help="list keys (never the keys themselves)")

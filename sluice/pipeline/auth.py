@@ -53,6 +53,7 @@ class AuthStage:
                 kind="static",
                 tenant=key.tenant,
                 limits=Limits(key.requests_per_minute, key.tokens_per_minute, key.max_concurrency),
+                log_bodies=key.log_bodies,
             )
             self._by_digest[digest] = (digest, principal)
 

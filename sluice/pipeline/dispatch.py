@@ -35,9 +35,21 @@ EVENT_STREAM = b"text/event-stream"
 # Headers that describe the client's connection or credentials, never forwarded to a backend.
 NOT_FORWARDED = frozenset(
     {
-        b"host", b"authorization", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
-        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect", b"cookie",
-        b"content-type", b"x-request-id",
+        b"host",
+        b"authorization",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"cookie",
+        b"content-type",
+        b"x-request-id",
     }
 )
 
@@ -60,8 +72,11 @@ class Dispatcher:
         routing: RoutingConfig,
         admission: Admission,
         placer: AdapterPlacer,
+        body_max_bytes: int = 0,
     ) -> None:
+        """`body_max_bytes`: how much of a response to keep for callers whose key logs bodies (audit log)."""
         self._backends = backends
+        self._body_cap = body_max_bytes
         self._monitor = monitor
         self._metrics = metrics
         self._timeouts = timeouts
@@ -74,12 +89,16 @@ class Dispatcher:
         self._retry_after = (("retry-after", str(routing.retry_after)),)
 
     async def __call__(self, ctx: RequestContext) -> None:
+        principal = ctx.principal
+        if principal is not None and principal.log_bodies and self._body_cap:
+            ctx.capture = bytearray()
         candidates = await self._candidates(ctx.model)
         candidates = self._closed_circuits(candidates, ctx.model) or self._fallback(ctx) or candidates
         if not candidates:
             chain = ", ".join((ctx.model, *self._routing.fallbacks.get(ctx.model, ())))
-            raise NoHealthyBackend(f"No healthy backend serves {chain} right now; retry later.",
-                                   headers=self._retry_after)
+            raise NoHealthyBackend(
+                f"No healthy backend serves {chain} right now; retry later.", headers=self._retry_after
+            )
         if self._capped:
             candidates = await self._admission.wait_for_capacity(candidates)
         head = self._head(ctx)
@@ -198,9 +217,12 @@ class Dispatcher:
         route = ctx.route
         assert route is not None
         parts = [
-            b"POST ", route.upstream_path, b" HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            % len(ctx.payload),
-            b"x-request-id: ", ctx.writer.request_id, b"\r\n",
+            b"POST ",
+            route.upstream_path,
+            b" HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(ctx.payload),
+            b"x-request-id: ",
+            ctx.writer.request_id,
+            b"\r\n",
         ]
         for name, value in ctx.request.headers:
             if name not in NOT_FORWARDED:
@@ -248,9 +270,7 @@ class Dispatcher:
                 self._placer.forget(backend, model)  # unloaded behind our back (another replica, an operator)
                 return AdapterGone(f"Backend {backend.name} no longer has adapter '{model}' loaded.")
             if exchange.status >= 500:
-                return ErrorAnswer(
-                    f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}"
-                )
+                return ErrorAnswer(f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}")
             if streamed:
                 await self._relay(ctx, exchange)
             else:
@@ -266,13 +286,15 @@ class Dispatcher:
             ctx.usage = _usage(body)
         elif exchange.status == 404:
             self._monitor.request_rediscovery()  # the backend no longer serves it: refresh the index
+        if ctx.capture is not None:
+            ctx.capture[:] = body[: self._body_cap]
         ctx.writer.send(exchange.status, body, headers=(("x-sluice-model", ctx.served_model or ctx.model),))
 
     async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:
         writer = ctx.writer
         writer.start(exchange.status, EVENT_STREAM, (("x-sluice-model", ctx.served_model or ctx.model),))
         exchange.set_timeout(self._timeouts.stream_read)
-        relay = StreamRelay(ctx, writer)
+        relay = StreamRelay(ctx, writer, self._body_cap)
         for part in exchange.body:  # arrived together with the headers
             relay.feed(part)
         exchange.body.clear()

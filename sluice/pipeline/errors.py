@@ -2,7 +2,7 @@
 
 A `GatewayError` becomes an OpenAI-style JSON error, or an SSE error event when a stream has already
 started. Anything unexpected becomes a 500 that names the request id and nothing else; the traceback
-goes to the log. Whatever happened, the request is then counted and logged once.
+goes to the log. Whatever happened, the request is then counted, logged and audited once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from sluice.audit.capture import RecordBuilder
+from sluice.audit.writer import AuditWriter
 from sluice.context import Handler, RequestContext
 from sluice.errors import GatewayError, internal_error_body
 from sluice.logs import AccessLog
@@ -20,6 +22,7 @@ from sluice.sse import data_event
 from sluice.upstream.backends import Backends
 
 log = logging.getLogger("sluice.errors")
+AUDIT_FULL = "audit_log_full"  # refused for want of room in the audit log: counted, not recorded
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
 STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
@@ -31,30 +34,35 @@ class ErrorsStage:
         backends: Backends,
         access_log: AccessLog | None,
         on_finish: Callable[[RequestContext], None] | None = None,
+        audit: tuple[AuditWriter, RecordBuilder] | None = None,
     ) -> None:
         self._metrics = metrics
         self._backends = backends
         self._access_log = access_log
         self._on_finish = on_finish  # settles what the rate limits reserved
+        self._audit = audit
 
     async def __call__(self, ctx: RequestContext, call_next: Handler) -> None:
         self._metrics.in_flight += 1
         status = 0
+        code: str | None = None
         try:
             await call_next(ctx)
             status = ctx.writer.status
+            if ctx.stream_cut:
+                code = "stream_interrupted"
         except GatewayError as error:
-            status = answer_error(ctx, error)
+            status, code = answer_error(ctx, error), error.code
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED
+            status, code = CLIENT_CLOSED, "client_closed"
             raise
         except Exception:
             log.exception("unexpected error", extra={"request_id": ctx.request_id})
-            status = answer_error(ctx, None)
+            status, code = answer_error(ctx, None), "internal_error"
         finally:
-            self._finalize(ctx, status)
+            self._finalize(ctx, status, code)
 
-    def _finalize(self, ctx: RequestContext, status: int) -> None:
+    def _finalize(self, ctx: RequestContext, status: int, code: str | None) -> None:
         if ctx.limit_ticket is not None and self._on_finish is not None:
             self._on_finish(ctx)
         metrics = self._metrics
@@ -75,17 +83,24 @@ class ErrorsStage:
                 metrics.tokens.child(model, "prompt").inc(prompt)
             if isinstance(completion, int):
                 metrics.tokens.child(model, "completion").inc(completion)
+        if self._audit is not None and code != AUDIT_FULL and not (ctx.route is not None and ctx.route.public):
+            # every API and admin request, and every unknown path; not health checks and metrics scrapes
+            writer, builder = self._audit
+            writer.submit(builder.build(ctx, status, code))
         if self._access_log is not None:
+            principal = ctx.principal
             self._access_log.write(
                 {
                     "request_id": ctx.request_id,
                     "method": ctx.request.method,
                     "path": ctx.request.path,
                     "status": status,
+                    "error": code,
                     "model": ctx.model or None,
                     "served_model": ctx.served_model or None,
                     "backend": ctx.backend or None,
-                    "key": ctx.principal.name if ctx.principal else None,
+                    "key": principal.name if principal else None,
+                    "tenant": principal.tenant if principal else None,
                     "client_ip": ctx.client_ip,
                     "stream": ctx.stream,
                     "attempts": ctx.attempts,

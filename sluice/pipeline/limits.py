@@ -91,6 +91,7 @@ class LimitsCheck:
             if tpm is not None:
                 cost = self._token_estimate(ctx)
                 if cost > tpm:
+                    ctx.rate_limit = "limited"
                     raise TooManyRequests(
                         f"This request may use up to {cost} tokens, more than this key's limit of {tpm} tokens "
                         "per minute; lower max_tokens or shorten the prompt."
@@ -133,6 +134,7 @@ class LimitsCheck:
                 self._settle_later((), lease)
             raise
         except LimiterUnavailable:
+            ctx.rate_limit = "fail_closed"
             self._metrics.rate_limited.child("unavailable").inc()
             raise LimitsUnavailable(
                 "Rate limiting is unavailable (Redis cannot be reached) and the gateway is set to refuse "
@@ -143,7 +145,9 @@ class LimitsCheck:
 
     def _apply(self, ctx: RequestContext, verdict: Verdict, tokens: Quota | None, lease: Lease | None) -> None:
         ctx.writer.extra = _headers(verdict)
+        ctx.rate_limit = "fail_open" if verdict.degraded else "allowed"
         if not verdict.allowed:
+            ctx.rate_limit = "limited"
             refused = verdict.refused_by or ""
             self._metrics.rate_limited.child(_reason(refused)).inc()
             wait = max(1, math.ceil(verdict.retry_after))

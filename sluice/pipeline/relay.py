@@ -3,7 +3,8 @@
 Runs inside the upstream connection's `data_received`: complete events are written to the client at
 once, in their original bytes. Only events mentioning `usage` are decoded, to capture the usage chunk
 (and drop it when the client did not ask for it). The timing of content events gives the time to first
-token and the mean time per output token.
+token and the mean time per output token. For callers whose key logs bodies, the events sent are also
+kept, up to a cap, for the audit log (`ctx.capture`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ DONE = b"data: [DONE]"
 
 class StreamRelay:
     __slots__ = (
+        "_capture",
+        "_capture_cap",
         "_ctx",
         "_first_token_at",
         "_last_token_at",
@@ -32,8 +35,10 @@ class StreamRelay:
         "tokens",
     )
 
-    def __init__(self, ctx: RequestContext, writer: ResponseWriter) -> None:
+    def __init__(self, ctx: RequestContext, writer: ResponseWriter, capture_cap: int = 0) -> None:
         self._ctx = ctx
+        self._capture = ctx.capture
+        self._capture_cap = capture_cap
         self._writer = writer
         self._strip_usage = not ctx.include_usage
         self._splitter = EventSplitter()
@@ -57,7 +62,11 @@ class StreamRelay:
                 self._count_token()  # not the role-only opener nor an empty finish chunk: a token
             keep.append(event)
         if keep:
-            self._writer.write(keep[0] if len(keep) == 1 else b"".join(keep))
+            sent = keep[0] if len(keep) == 1 else b"".join(keep)
+            self._writer.write(sent)
+            capture = self._capture
+            if capture is not None and len(capture) < self._capture_cap:
+                capture += sent[: self._capture_cap - len(capture)]
 
     def _count_token(self) -> None:
         now = time.perf_counter()

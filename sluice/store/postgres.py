@@ -83,9 +83,15 @@ class PostgresDatabase(Database):
 
     @classmethod
     async def open(cls, url: str, pool_size: int, timeout: float) -> PostgresDatabase:
+        # min_size=0: connections open on demand, so while the server is away the pool does not keep
+        # reconnecting in the background (and logging a traceback each time); one query proves it is there.
+        pool = None
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, timeout=timeout)
+            pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_size, timeout=timeout)
+            await pool.fetchval("SELECT 1", timeout=timeout)
         except _PG_ERRORS as exc:
+            if pool is not None:
+                pool.terminate()
             raise _pg_error(exc, masked_url(url), timeout) from exc
         return cls(pool, masked_url(url), timeout)
 
