@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sluice.admin import AdminKeys
+from sluice.admin_usage import AdminUsage
 from sluice.audit.capture import RecordBuilder
 from sluice.audit.writer import AuditWriter
 from sluice.config import BackendConfig, SluiceConfig
@@ -126,6 +127,7 @@ class Gateway:
         )
         admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
+        local.handlers["admin_usage"] = AdminUsage(lambda: self.database).report
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route

@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, reload, check-config, keys, db, demo, engine, fake-vllm, version."""
+"""The `sluice` command line: serve, reload, check-config, keys, db, usage, demo, engine, fake-vllm, version."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from sluice.identity.keys_cli import db_main
 
         return db_main(argv[1:])
+    if argv[:1] == ["usage"]:
+        from sluice.audit.usage_cli import main as usage_main
+
+        return usage_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sluice", description="A production gateway for vLLM.")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("engine", help="prepare and run the local vLLM engine (see `sluice engine --help`)")
     commands.add_parser("keys", help="create, list, revoke and rotate managed API keys (see `sluice keys --help`)")
     commands.add_parser("db", help="apply or show database schema migrations (see `sluice db --help`)")
+    commands.add_parser("usage", help="usage per key and model from the audit log (see `sluice usage --help`)")
     commands.add_parser("version", help="print the version")
 
     args = parser.parse_args(argv)

@@ -26,6 +26,7 @@ LOCAL = (
     Route("reload", ("POST",), public=False, proxied=False, admin=True),
     Route("admin_keys", ("GET", "POST"), public=False, proxied=False, admin=True),
     Route("admin_key", ("GET", "POST"), public=False, proxied=False, admin=True),
+    Route("admin_usage", ("GET",), public=False, proxied=False, admin=True),  # sluice/admin_usage.py
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -38,6 +39,7 @@ PATHS = {
     "/metrics": LOCAL[4],
     "/admin/reload": LOCAL[5],
     "/admin/keys": LOCAL[6],
+    "/admin/usage": LOCAL[8],
 }
 PREFIXES = {"/admin/keys/": LOCAL[7]}  # /admin/keys/<id or name>[/revoke|/rotate]
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 from sluice.app import Gateway
+from sluice.audit.journal import JournalError
 from sluice.config import SluiceConfig
 from sluice.logs import configure_logging
 from sluice.reload import InvalidConfig, plan_reload, read_config
+from sluice.store.database import DatabaseError
 
 log = logging.getLogger("sluice.serve")
 
@@ -49,6 +51,10 @@ async def _worker(config: SluiceConfig, reuse_port: bool, path: Path | None, sup
     gateway = Gateway(config, path, (lambda: os.kill(supervisor, signal.SIGHUP)) if supervised else None)
     try:
         await gateway.start(reuse_port=reuse_port)
+    except (DatabaseError, JournalError) as exc:  # the message says what to check
+        log.error("cannot start", extra={"error": str(exc)})
+        await gateway.close()
+        return 1
     except OSError as exc:
         log.error("cannot listen", extra={"host": config.server.host, "port": config.server.port, "error": str(exc)})
         await gateway.close()

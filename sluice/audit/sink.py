@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -88,10 +89,25 @@ async def insert(db: Database, records: Sequence[Record]) -> int:
     if not records:
         return 0
     if db.dialect == "postgres":
-        columns = [list(column) for column in zip(*records, strict=True)]
+        columns = [_pg_safe(list(column)) for column in zip(*records, strict=True)]
         return int(await db.fetchval(PG_INSERT, *columns))  # one statement: atomic on its own
     async with db.transaction() as tx:
         return await _sqlite_insert(tx, records)
+
+
+INT4 = 2**31 - 1
+
+
+def _pg_safe(column: list[Any]) -> list[Any]:
+    """PostgreSQL refuses NUL characters in text and integers past int4: a record must never be refused
+    for what a client or a backend sent (a JWT claim, a `user` field, a token count)."""
+    for i, value in enumerate(column):
+        if isinstance(value, str):
+            if "\x00" in value:
+                column[i] = value.replace("\x00", "\ufffd")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -INT4 <= value <= INT4:
+            column[i] = None
+    return column
 
 
 async def _sqlite_insert(tx: Session, records: Sequence[Record]) -> int:

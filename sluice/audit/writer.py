@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,15 +37,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sluice.audit import sink
-from sluice.audit.journal import Journal, JournalError
+from sluice.audit.journal import Journal, JournalError, encode_line
 from sluice.audit.partitions import maintain
 from sluice.audit.record import Record
 from sluice.config import AuditConfig
-from sluice.store.database import Database, DatabaseError
+from sluice.store.database import Database, DatabaseUnavailable
 
 log = logging.getLogger("sluice.audit")
 MAINTENANCE_INTERVAL = 3600.0
-OUTCOMES = ("written", "journaled", "replayed", "dropped", "rejected")
+OUTCOMES = ("written", "journaled", "replayed", "dropped", "rejected", "invalid")
+DEAD_LETTER = "invalid.jsonl"  # records the database refused for their content, in the journal's line format
+# The database is not there for us (try again later), as opposed to refusing what we sent.
+UNAVAILABLE = (DatabaseUnavailable, TimeoutError, OSError)
 
 
 class AuditWriter:
@@ -73,13 +77,14 @@ class AuditWriter:
         self._closing = False
         self._maintained_at = -MAINTENANCE_INTERVAL
         self._told_unreachable = False
+        self._in_hand = 0  # records taken from the queue by the write in progress (they count against its size)
 
     # ---- the request path ----
 
     def submit(self, record: Record) -> None:
         """Queue one record (never waits). With `on_full: drop` a record that does not fit is counted and dropped."""
         queue = self.queue
-        if len(queue) >= self.config.queue_size and self.config.on_full == "drop":
+        if len(queue) + self._in_hand >= self.config.queue_size and self.config.on_full == "drop":
             self.counts["dropped"] += 1
             return
         queue.append(record)
@@ -89,7 +94,7 @@ class AuditWriter:
     @property
     def saturated(self) -> bool:
         """New requests must be refused (`on_full: reject` and no room for their records)."""
-        return len(self.queue) >= self.config.queue_size and self.config.on_full == "reject"
+        return len(self.queue) + self._in_hand >= self.config.queue_size and self.config.on_full == "reject"
 
     def rejected(self) -> None:
         """A request was refused because of `saturated` (it has no record of its own)."""
@@ -135,13 +140,19 @@ class AuditWriter:
     # ---- the writer task ----
 
     async def _write_loop(self) -> None:
+        await _forever(self._write_once, self._stopping)
+
+    async def _write_once(self) -> None:
         while not self._closing:
             if len(self.queue) < self.config.batch_size:
                 await _wait(self._wake, self.config.flush_interval)
             self._wake.clear()
             while self.queue:
                 batch = self._take()
-                if not await self._write(batch):
+                self._in_hand = len(batch)
+                written = await self._write(batch)
+                self._in_hand = 0
+                if not written:
                     self.queue.extendleft(reversed(batch))  # keep the order; try again after a pause
                     await _wait(self._stopping, self.config.retry_interval)
                     break
@@ -176,12 +187,52 @@ class AuditWriter:
         if database is None:
             return False
         try:
-            async with asyncio.timeout(self.config.write_timeout):
-                await sink.insert(database, batch)
-        except (DatabaseError, TimeoutError, OSError) as exc:
+            await self._store(database, batch)
+        except UNAVAILABLE as exc:
             self._went_down(exc)
             return False
         return True
+
+    async def _store(self, database: Database, records: list[Record]) -> None:
+        """Insert `records` (bounded by `write_timeout`); raises one of UNAVAILABLE to try again later.
+
+        A batch the database refuses for its content (not for being away) is retried record by record, and
+        the records it still refuses go to the dead-letter file beside the journal, so one bad record can
+        neither block the log nor be lost.
+        """
+        try:
+            async with asyncio.timeout(self.config.write_timeout):
+                await sink.insert(database, records)
+            return
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:  # whatever the driver raised, the records must survive it
+            log.error("audit database refused a batch; inserting its records one by one",
+                      extra={"records": len(records), "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+        for record in records:
+            try:
+                async with asyncio.timeout(self.config.write_timeout):
+                    await sink.insert(database, [record])
+            except UNAVAILABLE:
+                raise
+            except Exception as exc:
+                await self._dead_letter(record, exc)
+
+    async def _dead_letter(self, record: Record, exc: Exception) -> None:
+        path = Path(self.config.journal_dir) / DEAD_LETTER
+        line = encode_line(record)
+
+        def append() -> None:
+            with path.open("ab") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+
+        await asyncio.to_thread(append)
+        self.counts["invalid"] += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("audit record refused by the database; kept in the dead-letter file",
+                  extra={"request_id": record[0], "file": str(path), "error": reason})  # fmt: skip
 
     def _went_down(self, exc: BaseException) -> None:
         if self.database_up:
@@ -193,6 +244,9 @@ class AuditWriter:
     # ---- recovery: connect, replay the journal, keep partitions ----
 
     async def _recovery_loop(self) -> None:
+        await _forever(self._recover_once, self._stopping)
+
+    async def _recover_once(self) -> None:
         while not self._closing:
             await _wait(self._recover, MAINTENANCE_INTERVAL / 4)
             self._recover.clear()
@@ -214,7 +268,7 @@ class AuditWriter:
         try:
             async with asyncio.timeout(self.config.write_timeout):
                 await self.database.fetchval("SELECT 1")
-        except (DatabaseError, TimeoutError, OSError):
+        except Exception:  # not answering, whichever way
             return False
         if not self.database_up:
             log.info("audit database reachable again")
@@ -224,12 +278,13 @@ class AuditWriter:
     async def _connect(self) -> bool:
         try:
             self.database = await self._open_database()
-        except DatabaseError as exc:
+        except Exception as exc:  # unreachable, refused, a migration failing: try again later
             if not self._told_unreachable:
                 log.warning("audit database unavailable; records go to the journal", extra={"error": str(exc)})
                 self._told_unreachable = True
             return False
-        log.info("audit database connected") if self._told_unreachable else None
+        if self._told_unreachable:
+            log.info("audit database connected")
         await self._maintain()
         self.database_up = True
         return True
@@ -240,15 +295,14 @@ class AuditWriter:
         assert database is not None
 
         async def into_database(records: list[Record]) -> None:
-            async with asyncio.timeout(self.config.write_timeout):
-                await sink.insert(database, records)
+            await self._store(database, records)
             self.counts["replayed"] += len(records)
 
         while await self._has_journal():
             self.journal.seal()
             try:
                 replayed = await self.journal.replay(into_database, chunk=self.config.batch_size)
-            except (DatabaseError, TimeoutError, OSError) as exc:
+            except UNAVAILABLE as exc:
                 self._went_down(exc)
                 return False
             if replayed:
@@ -268,8 +322,10 @@ class AuditWriter:
                     ahead=self.config.partitions_ahead,
                     retention_days=self.config.retention_days,
                 )
-        except (DatabaseError, TimeoutError, OSError) as exc:
-            log.warning("audit partition maintenance failed; will retry", extra={"error": str(exc)})
+        except Exception as exc:  # retried at the next reconnection or hour
+            log.warning(
+                "audit partition maintenance failed; will retry", extra={"error": f"{type(exc).__name__}: {exc}"}
+            )
             return
         self._maintained_at = time.monotonic()
         if done.created or done.dropped or done.deleted_rows:
@@ -283,3 +339,15 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
+
+
+async def _forever(loop: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
+    """Run `loop` until it returns; a bug that escapes it is logged and the loop restarted after a pause,
+    so the writer never silently stops (records would pile up in memory)."""
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("audit writer failed unexpectedly; restarting it")
+            await _wait(stopping, 1.0)

@@ -107,7 +107,10 @@ class PostgresDatabase(Database):
         try:
             yield _PgSession(connection, self)
         finally:
-            await self._pool.release(connection)
+            # A statement cut short (its task cancelled, a timeout) can leave the connection mid-operation:
+            # asyncpg then terminates it and raises; the pool opens a new one when next needed.
+            with suppress(Exception):
+                await self._pool.release(connection)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
