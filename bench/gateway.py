@@ -11,14 +11,24 @@ from bench.env import BenchError
 from bench.procs import LOCALHOST, Service, start, wait_http
 
 KEY_ENV = "SLUICE_BENCH_KEY"
+# The audit log is off unless a part measures it (the `audit` part): the other parts' numbers stay
+# comparable with earlier runs, and the audit part reports what it adds.
+AUDIT_OFF = "audit: {enabled: false}\n"
 READY_TIMEOUT_S = 30.0
 
 
-def config_yaml(port: int, upstream_port: int, *, key_limits: Mapping[str, int] | None = None, extra: str = "") -> str:
+def config_yaml(
+    port: int,
+    upstream_port: int,
+    *,
+    key_limits: Mapping[str, int] | None = None,
+    extra: str = "",
+    audit: str = AUDIT_OFF,
+) -> str:
     """Minimal gateway config: one backend, one API key taken from the environment.
 
     ``key_limits`` become fields of the key (``requests_per_minute``…); ``extra`` is appended as more
-    top-level sections (``redis``, ``rate_limits``).
+    top-level sections (``redis``, ``rate_limits``); ``audit`` holds the ``database`` and ``audit`` sections.
     """
     limits = "".join(f", {name}: {value}" for name, value in (key_limits or {}).items())
     return f"""server: {{host: {LOCALHOST}, port: {port}}}
@@ -27,7 +37,7 @@ backends:
 auth:
   api_keys:
     - {{name: bench, key: "${{{KEY_ENV}}}"{limits}}}
-{extra}"""
+{audit}{extra}"""
 
 
 def serve_command(config: Path) -> list[str]:
@@ -50,12 +60,13 @@ def start_gateway(
     cpu: int,
     key_limits: Mapping[str, int] | None = None,
     extra: str = "",
+    audit: str = AUDIT_OFF,
 ) -> Service:
     """Start the gateway pinned to ``cpu`` and wait until ``GET /ready`` answers 200."""
     if importlib.util.find_spec("sluice.cli") is None:
         raise BenchError("sluice.cli does not exist yet")
     config = workdir / f"sluice-{port}.yaml"
-    config.write_text(config_yaml(port, upstream_port, key_limits=key_limits, extra=extra))
+    config.write_text(config_yaml(port, upstream_port, key_limits=key_limits, extra=extra, audit=audit))
     service = start(
         f"sluice-{port}", serve_command(config), cpu=cpu, taskset=taskset, logdir=workdir, env={KEY_ENV: key}
     )

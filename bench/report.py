@@ -12,7 +12,7 @@ from bench.targets import STACKS
 DOC_INTRO = """# Benchmarks
 
 Run the suite with `make bench` (or `python -m bench.run`; `--quick` for a smoke run, `--only
-core|limits|streams|stacks|strategies` for one part, `--no-write` to leave this file alone). It needs `wrk` and
+core|limits|audit|streams|stacks|strategies` for one part, `--no-write` to leave this file alone). It needs `wrk` and
 `nginx` (`apt-get install -y wrk nginx-light`) and the bench extras (`pip install -r bench/requirements.txt`).
 
 Every proxy under test (the Sluice gateway, nginx as a plain reverse proxy with one worker, the
@@ -26,6 +26,7 @@ between. Requests are `POST /v1/chat/completions` with a small JSON body and a b
 SECTIONS = {
     "core": "## Non-streaming: direct vs Sluice vs nginx",
     "limits": "## Auth and rate limits on the hot path",
+    "audit": "## Audit log: cost on the request path and writer throughput",
     "streams": "## Streaming: 100 concurrent streams",
     "stacks": "## HTTP stack study",
     "affinity": "## Prefix-cache affinity on real vLLM: round_robin vs affinity",
@@ -60,7 +61,7 @@ def _share(value: float, reference: float) -> str:
     return "<1%" if ratio < 0.01 else f"{ratio:.0%}"
 
 
-def _preamble(machine: Machine, cpus: CpuPlan, detail: str) -> str:
+def preamble(machine: Machine, cpus: CpuPlan, detail: str) -> str:
     return f"_Measured on {machine.describe()}; {cpus.describe()}; {detail}._\n"
 
 
@@ -74,7 +75,7 @@ def core_markdown(report: LoadReport, machine: Machine, cpus: CpuPlan) -> str:
     """One row per target and concurrency; at c=1 the latency a proxy adds over direct."""
     detail = f"wrk 1 thread, {report.duration_s:g} s per run, median of {report.rounds} round(s)"
     lines = [
-        _preamble(machine, cpus, detail),
+        preamble(machine, cpus, detail),
         "| c | target | req/s | p50 ms | p99 ms | added p50 / p99 ms (c=1) | errors | RSS MiB |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -103,7 +104,7 @@ def limits_markdown(report: LoadReport, machine: Machine, cpus: CpuPlan) -> str:
     )
     high = report.concurrencies[-1]
     lines = [
-        _preamble(machine, cpus, detail),
+        preamble(machine, cpus, detail),
         f"| c | target | req/s | p50 ms | p99 ms | added p50 ms | added µs per request (c={high}: 1/req/s) | "
         "errors | RSS MiB |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -155,7 +156,7 @@ def stacks_markdown(report: LoadReport, machine: Machine, cpus: CpuPlan) -> str:
     low, high = report.concurrencies[0], report.concurrencies[-1]
     nginx_high = report.get("nginx", high)
     lines = [
-        _preamble(machine, cpus, detail),
+        preamble(machine, cpus, detail),
         f"| stack | c={low} req/s | c={low} p50 ms | c={low} p99 ms | c={high} req/s | c={high} p50 ms | "
         f"c={high} p99 ms | c={high} vs nginx | errors | RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -181,7 +182,7 @@ def streams_markdown(report: StreamReport, machine: Machine, cpus: CpuPlan) -> s
         "round(s) after one warm-up"
     )
     lines = [
-        _preamble(machine, cpus, detail),
+        preamble(machine, cpus, detail),
         "| target | streams ok | tokens | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms | gap max ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import report, scenarios, strategies
+from bench import audit, report, scenarios, strategies
 from bench.env import BenchError, CpuPlan, Machine, cpu_plan, find_tools, machine, require_modules
 from bench.procs import REPO_ROOT
 from bench.progress import Progress
@@ -27,7 +27,7 @@ from bench.scenarios import LoadReport, StreamReport
 from bench.strategies import StrategiesReport
 from bench.targets import STACKS, Lab
 
-PARTS = ("core", "limits", "streams", "stacks", "strategies")
+PARTS = ("core", "limits", "audit", "streams", "stacks", "strategies")
 QUICK_STRATEGY_REQUESTS = 120
 Result = LoadReport | StreamReport | StrategiesReport
 DEFAULT_DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -104,6 +104,9 @@ def plan(options: Options) -> Progress:
         steps, seconds = steps + s, seconds + t
         s, t = scenarios.paced_plan(3, options.duration_s, options.rounds)
         steps, seconds = steps + s, seconds + t
+    if "audit" in options.parts:
+        s, t = audit.plan(options.duration_s, options.rounds)
+        steps, seconds = steps + s, seconds + t
     if "streams" in options.parts:
         s, t = scenarios.stream_plan(options.stream_rounds)
         steps, seconds = steps + s, seconds + t
@@ -157,6 +160,8 @@ def run(options: Options) -> int:
                     results[part] = scenarios.run_limits(
                         lab, progress, duration_s=options.duration_s, rounds=options.rounds
                     )
+                elif part == "audit":
+                    results[part] = audit.run(lab, progress, duration_s=options.duration_s, rounds=options.rounds)
                 elif part == "streams":
                     results[part] = scenarios.run_streams(lab, progress, rounds=options.stream_rounds)
                 elif part == "strategies":
@@ -198,6 +203,9 @@ def render(results: dict[str, Result], host: Machine, cpus: CpuPlan) -> dict[str
             blocks[part] = report.core_markdown(result, host, cpus)
         elif part == "limits":
             blocks[part] = report.limits_markdown(result, host, cpus)
+        elif isinstance(result, audit.AuditReport):
+            detail = f"wrk 1 thread, {result.duration_s:g} s per run, median of {result.rounds} round(s)"
+            blocks[part] = audit.markdown(result, report.preamble(host, cpus, detail))
         else:
             blocks[part] = report.stacks_markdown(result, host, cpus)
     return blocks

@@ -162,6 +162,7 @@ class Lab:
         name: str = "sluice",
         key_limits: Mapping[str, int] | None = None,
         extra: str = "",
+        audit: str = gateway.AUDIT_OFF,
     ) -> Target | Skipped:
         """The Sluice gateway in front of ``upstream``, or why it could not run (config: ``gateway.config_yaml``)."""
         port = free_port()
@@ -175,6 +176,7 @@ class Lab:
                 cpu=self.cpus.proxy,
                 key_limits=key_limits,
                 extra=extra,
+                audit=audit,
             )
         except BenchError as exc:
             return Skipped(name, f"gateway not measured: {exc}")
