@@ -12,6 +12,10 @@ into it, oldest first (including journals that a crashed gateway left behind), a
 when the journal is empty. A batch written twice (an insert that timed out but committed, a replay cut
 short by a crash) is skipped by the database, so every record lands exactly once.
 
+A database that is up but slower than the traffic is handled the same way: when the queue is half full
+after an insert, the next batches go to the journal (a sequential append), and the recovery task feeds
+them to the database at its own pace, so a burst is absorbed on disk rather than in memory.
+
 Memory is bounded. The queue holds at most `audit.queue_size` records; it only fills when both the database
 and the journal refuse (the disk is full, or the journal reached `audit.journal_max_bytes`). Then
 `audit.on_full` decides: `reject` (default) answers new requests 503 until there is room (`saturated`,
@@ -165,7 +169,8 @@ class AuditWriter:
 
     async def _write(self, batch: list[Record]) -> bool:
         """Insert `batch`, else journal it; False when neither worked (the batch is not stored)."""
-        if self.database_up and not self.journal.pending and await self._insert(batch):
+        direct = self.database_up and not self.journal.pending and len(self.queue) < self.config.queue_size // 2
+        if direct and await self._insert(batch):
             self.counts["written"] += len(batch)
             return True
         try:
@@ -329,8 +334,9 @@ class AuditWriter:
             return
         self._maintained_at = time.monotonic()
         if done.created or done.dropped or done.deleted_rows:
-            log.info("audit partitions maintained", extra={"created": list(done.created),
-                     "dropped": list(done.dropped), "deleted_rows": done.deleted_rows})  # fmt: skip
+            # (not "created": a LogRecord attribute, which `extra` may not overwrite)
+            log.info("audit partitions maintained", extra={"partitions_created": list(done.created),
+                     "partitions_dropped": list(done.dropped), "rows_deleted": done.deleted_rows})  # fmt: skip
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

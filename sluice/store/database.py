@@ -17,6 +17,7 @@ constraint, so callers and the command line never show a driver's stack trace.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -51,6 +52,10 @@ class Session(Protocol):
 
     async def execute_script(self, script: str) -> None:
         """Run `;`-separated statements without parameters (a migration file)."""
+        ...
+
+    async def execute_many(self, query: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement once per row of parameters (prepared once)."""
         ...
 
     async def fetch(self, query: str, *args: Any) -> list[Row]: ...
@@ -93,6 +98,10 @@ class Database(ABC):
     async def execute_script(self, script: str) -> None:
         async with self._session() as session:
             await session.execute_script(script)
+
+    async def execute_many(self, query: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self._session() as session:
+            await session.execute_many(query, rows)
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         async with self._session() as session:

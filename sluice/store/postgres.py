@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
@@ -61,6 +61,9 @@ class _PgSession:
 
     async def execute_script(self, script: str) -> None:
         await self.run(self.connection.execute(script))  # no arguments: several statements are allowed
+
+    async def execute_many(self, query: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self.run(self.connection.executemany(query, rows))
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         return [dict(row) for row in await self.run(self.connection.fetch(query, *args))]

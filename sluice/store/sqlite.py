@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -96,6 +96,12 @@ class _SqliteSession:
         try:
             async with self.connection.execute(sqlite_query(query), [_sqlite_value(a) for a in args]) as cursor:
                 return max(cursor.rowcount, 0)
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc, self._url, self._timeout) from exc
+
+    async def execute_many(self, query: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            await self.connection.executemany(sqlite_query(query), [[_sqlite_value(a) for a in row] for row in rows])
         except sqlite3.Error as exc:
             raise _sqlite_error(exc, self._url, self._timeout) from exc
 

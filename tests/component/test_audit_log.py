@@ -7,6 +7,7 @@ is sent once, and its row is read back from the database with the fields it must
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -26,6 +27,12 @@ from tests.conftest import API_KEY, StartFake, StartGateway
 
 BODIES_KEY = "sk-bodies-0123456789"
 LIMITED_KEY = "sk-limited-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Log records at INFO are built (a bad `extra` field only fails when a record is made)."""
+    caplog.set_level(logging.INFO, logger="sluice")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ no room left anywhere (`audit.on_full`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,12 @@ from tests.component.test_migrations import throwaway_postgres
 from tests.conftest import API_KEY, StartFake, StartGateway, free_port
 
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Log records at INFO are built (a bad `extra` field only fails when a record is made)."""
+    caplog.set_level(logging.INFO, logger="sluice")
 
 
 @pytest.fixture
