@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import gateway, nginx
 from bench.env import BenchError, CpuPlan, Tools, missing_modules
+from bench.postgres import start_postgres
 from bench.procs import LOCALHOST, Service, free_port, start, wait_http, wait_tcp
 
 FAKE_VLLM_MODULE = "sluice.testing.fake_vllm"
@@ -181,6 +182,13 @@ class Lab:
         except BenchError as exc:
             return Skipped(name, f"gateway not measured: {exc}")
         return Target(name, f"http://{LOCALHOST}:{port}", self._keep(service))
+
+    def postgres(self) -> str:
+        """A throwaway PostgreSQL server on the load generator's core; its URL (see bench/postgres.py)."""
+        url, service, folder = start_postgres(self.workdir, taskset=self.tools.taskset, cpu=self.cpus.rest)
+        self._stack.callback(shutil.rmtree, folder, True)  # after the server stops (callbacks run last first)
+        self._keep(service)
+        return url
 
     def redis(self) -> Redis:
         """Redis on loopback: the machine's on port 6379 if it answers, else a throwaway one for this lab."""
