@@ -1,4 +1,6 @@
-"""A throwaway PostgreSQL server on a free port, for tests that stop and restart the database (never the machine's).
+"""Throwaway PostgreSQL for tests: a database of its own on the machine's server (`throwaway_postgres()`),
+or a server of its own on a free port for tests that stop and restart it (`PostgresServer`, never the
+machine's).
 
 `initdb` into a temporary folder, `pg_ctl start` / `stop -m fast` on it. PostgreSQL refuses to run as root,
 so when the tests run as root the server runs as the `postgres` user (through `runuser`).
@@ -6,15 +8,42 @@ so when the tests run as root the server runs as the `postgres` user (through `r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+import asyncpg
+
 from tests.conftest import free_port
+
+POSTGRES = os.environ.get("SLUICE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+async def _on_server(statement: str) -> None:
+    connection = await asyncpg.connect(f"{POSTGRES}/test", timeout=5)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped on exit."""
+    name = f"sluice_test_{secrets.token_hex(6)}"
+    asyncio.run(_on_server(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        asyncio.run(_on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 SEARCH = ("/usr/lib/postgresql/{}/bin", "/usr/local/bin", "/usr/bin")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ from sluice.app import Gateway
 from sluice.config import DatabaseConfig
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
-from tests.component.test_migrations import throwaway_postgres
 from tests.conftest import API_KEY, StartFake, StartGateway
 
 BODIES_KEY = "sk-bodies-0123456789"
@@ -33,19 +32,6 @@ LIMITED_KEY = "sk-limited-0123456789"
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     """Log records at INFO are built (a bad `extra` field only fails when a record is made)."""
     caplog.set_level(logging.INFO, logger="sluice")
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with throwaway_postgres() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/audit.db"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

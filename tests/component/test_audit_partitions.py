@@ -14,7 +14,7 @@ from sluice.audit.partitions import LOCK_ID, Maintenance, maintain, partition_na
 from sluice.config import DatabaseConfig
 from sluice.store.database import Database, Session
 from sluice.store.migrations import upgrade
-from tests.component.test_migrations import throwaway_postgres
+from tests.postgres_server import throwaway_postgres
 
 TODAY = date(2026, 11, 25)
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from sluice.config import DatabaseConfig
 from sluice.identity.keys import KeyStore
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
-from tests.component.test_migrations import throwaway_postgres
 from tests.conftest import API_KEY, StartFake, StartGateway
 
 NOW = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
@@ -47,19 +46,6 @@ INSERT INTO requests (request_id, received_at, first_token_at, finished_at, key_
                       model_requested, stream, status, prompt_tokens, completion_tokens, ttft_ms, latency_ms, attempts)
 VALUES ($1, $2, $3, $4, $5, $6, 'POST', '/v1/chat/completions', 'chat', $7, $8, $9, $10, $11, $12, $13, 1)
 """
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with throwaway_postgres() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/sluice.db"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 
 from sluice.app import Gateway
-from tests.component.test_migrations import throwaway_postgres
 from tests.conftest import API_KEY, StartFake, StartGateway, free_port
+from tests.postgres_server import throwaway_postgres
 
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

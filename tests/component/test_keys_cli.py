@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from subprocess import PIPE
 
@@ -22,17 +21,10 @@ from sluice.config import DatabaseConfig
 from sluice.identity.keys import KeyStore
 from sluice.store.database import Database
 from sluice.store.migrations import available
-from tests.component.test_migrations import throwaway_postgres
 
 SECRET = "cli-secret-0123456789abcdef-0123456789"
 KEY = re.compile(r"sk-sluice-[0-9A-Za-z]{43}")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with throwaway_postgres() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import string
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from sluice.identity.keys import (
 )
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
-from tests.component.test_migrations import throwaway_postgres
 
 SECRET = b"test-secret-0123456789abcdef-0123456789"
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -36,19 +35,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with throwaway_postgres() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/sluice.db"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -1,47 +1,22 @@
 """The database facade and the schema migrations, against real PostgreSQL and real SQLite.
 
-`throwaway_postgres()` makes a database of its own on the local server (and drops it afterwards); the
-key store and CLI tests use it too.
+Each test gets a fresh database of each kind (`throwaway_postgres()`, tests/postgres_server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from sluice.config import DatabaseConfig
 from sluice.store.database import Database, DatabaseError, DatabaseUnavailable, UniqueViolation
 from sluice.store.migrations import TABLE_EXISTS, MigrationError, available, status, upgrade
 from sluice.store.sqlite import split_statements, sqlite_query
-
-POSTGRES = os.environ.get("SLUICE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
-
-
-async def _on_server(statement: str) -> None:
-    connection = await asyncpg.connect(f"{POSTGRES}/test", timeout=5)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-@contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """The URL of a new, empty PostgreSQL database, dropped on exit."""
-    name = f"sluice_test_{secrets.token_hex(6)}"
-    asyncio.run(_on_server(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{POSTGRES}/{name}"
-    finally:
-        asyncio.run(_on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+from tests.postgres_server import POSTGRES, throwaway_postgres
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
