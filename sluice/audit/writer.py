@@ -154,8 +154,13 @@ class AuditWriter:
             while self.queue:
                 batch = self._take()
                 self._in_hand = len(batch)
-                written = await self._write(batch)
-                self._in_hand = 0
+                try:
+                    written = await self._write(batch)
+                except BaseException:  # cancelled at shutdown, or a bug: the batch goes back, close() writes it
+                    self.queue.extendleft(reversed(batch))
+                    raise
+                finally:
+                    self._in_hand = 0
                 if not written:
                     self.queue.extendleft(reversed(batch))  # keep the order; try again after a pause
                     await _wait(self._stopping, self.config.retry_interval)
@@ -203,7 +208,9 @@ class AuditWriter:
 
         A batch the database refuses for its content (not for being away) is retried record by record, and
         the records it still refuses go to the dead-letter file beside the journal, so one bad record can
-        neither block the log nor be lost.
+        neither block the log nor be lost. When it refuses every record of the batch, the fault is the
+        database's (read-only after a failover, permissions): that counts as unavailable, and the batch
+        goes to the journal to be tried again.
         """
         try:
             async with asyncio.timeout(self.config.write_timeout):
@@ -214,6 +221,7 @@ class AuditWriter:
         except Exception as exc:  # whatever the driver raised, the records must survive it
             log.error("audit database refused a batch; inserting its records one by one",
                       extra={"records": len(records), "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+        refused: list[tuple[Record, Exception]] = []
         for record in records:
             try:
                 async with asyncio.timeout(self.config.write_timeout):
@@ -221,7 +229,11 @@ class AuditWriter:
             except UNAVAILABLE:
                 raise
             except Exception as exc:
-                await self._dead_letter(record, exc)
+                refused.append((record, exc))
+        if len(refused) == len(records) > 1:  # not these records: the database (read-only, permissions, ...)
+            raise DatabaseUnavailable(f"the database refuses every audit record: {refused[0][1]}")
+        for record, error in refused:
+            await self._dead_letter(record, error)
 
     async def _dead_letter(self, record: Record, exc: Exception) -> None:
         path = Path(self.config.journal_dir) / DEAD_LETTER
