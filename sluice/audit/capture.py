@@ -26,9 +26,9 @@ class RecordBuilder:
         self._backends = backends
         self._body_cap = body_max_bytes
 
-    def build(self, ctx: RequestContext, status: int, error_code: str | None) -> Record:
-        finished_perf, finished = time.perf_counter(), time.time()
-        elapsed = finished_perf - ctx.started
+    def build(self, ctx: RequestContext, status: int, error_code: str | None, elapsed: float) -> Record:
+        """`elapsed`: seconds since the request arrived (the caller has measured it already)."""
+        finished = time.time()
         received = finished - elapsed
         principal = ctx.principal
         usage = ctx.usage

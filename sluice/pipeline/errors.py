@@ -86,7 +86,7 @@ class ErrorsStage:
         if self._audit is not None and code != AUDIT_FULL and not (ctx.route is not None and ctx.route.public):
             # every API and admin request, and every unknown path; not health checks and metrics scrapes
             writer, builder = self._audit
-            writer.submit(builder.build(ctx, status, code))
+            writer.submit(builder.build(ctx, status, code, elapsed))
         if self._access_log is not None:
             principal = ctx.principal
             self._access_log.write(
