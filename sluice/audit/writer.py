@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -208,9 +209,9 @@ class AuditWriter:
 
         A batch the database refuses for its content (not for being away) is retried record by record, and
         the records it still refuses go to the dead-letter file beside the journal, so one bad record can
-        neither block the log nor be lost. When it refuses every record of the batch, the fault is the
-        database's (read-only after a failover, permissions): that counts as unavailable, and the batch
-        goes to the journal to be tried again.
+        neither block the log nor be lost. When it refuses every record of the batch, and not all for their
+        data (a data exception or a constraint), the fault is the database's (read-only after a failover,
+        permissions): that counts as unavailable, and the batch goes to the journal to be tried again.
         """
         try:
             async with asyncio.timeout(self.config.write_timeout):
@@ -230,7 +231,8 @@ class AuditWriter:
                 raise
             except Exception as exc:
                 refused.append((record, exc))
-        if len(refused) == len(records) > 1:  # not these records: the database (read-only, permissions, ...)
+        if len(refused) == len(records) and not all(_about_the_data(error) for _, error in refused):
+            # Not these records: the database (read-only after a failover, permissions, a trigger, ...).
             raise DatabaseUnavailable(f"the database refuses every audit record: {refused[0][1]}")
         for record, error in refused:
             await self._dead_letter(record, error)
@@ -357,6 +359,19 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
+
+
+def _about_the_data(error: BaseException) -> bool:
+    """The database refused a value (PostgreSQL SQLSTATE class 22 data exception or 23 integrity constraint;
+    SQLite's integrity and data errors), not the write itself."""
+    while error is not None:
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str):
+            return state.startswith(("22", "23"))
+        if isinstance(error, (sqlite3.IntegrityError, sqlite3.DataError)):
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
 
 
 async def _forever(loop: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:

@@ -153,3 +153,28 @@ async def test_a_record_the_database_refuses_goes_to_the_dead_letter_file_and_bl
     assert users == ["alice", "bob", "nul\ufffdbyte"]  # PostgreSQL text cannot hold NUL: replaced, not refused
     (line,) = (tmp_path / "journal" / "invalid.jsonl").read_bytes().splitlines()
     assert b'"mallory"' in line and gw.audit.database_up
+
+
+async def test_a_database_refusing_every_record_is_treated_as_unavailable(
+    postgres_url: str, tmp_path: Path, fake: StartFake, gateway: StartGateway
+) -> None:
+    """Read-only after a failover, say: the records wait in the journal and arrive once it takes them."""
+    audit = {"journal_dir": str(tmp_path / "journal"), "flush_interval": 0.2, "retry_interval": 0.2}
+    gw = await gateway([await fake("base")], database={"url": postgres_url}, audit=audit)
+    assert gw.audit is not None
+    connection = await asyncpg.connect(postgres_url)
+    await connection.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction'; END $$"
+    )
+    await connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests FOR EACH ROW EXECUTE FUNCTION refuse()")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):  # one record per batch: each refused alone, none for its data
+            assert await chat(gw, session) == 200
+            await asyncio.sleep(0.3)
+        await until(lambda: gw.audit.counts["journaled"] == 5)  # type: ignore[union-attr]
+        assert gw.audit.counts["invalid"] == 0 and not (tmp_path / "journal" / "invalid.jsonl").exists()
+        await connection.execute("DROP TRIGGER refuse ON requests")  # writable again
+        await until(lambda: gw.audit.counts["replayed"] == 5)  # type: ignore[union-attr]
+    assert await connection.fetchval("SELECT count(DISTINCT request_id) FROM requests") == 5
+    await connection.close()
