@@ -178,3 +178,17 @@ async def test_a_database_refusing_every_record_is_treated_as_unavailable(
         await until(lambda: gw.audit.counts["replayed"] == 5)  # type: ignore[union-attr]
     assert await connection.fetchval("SELECT count(DISTINCT request_id) FROM requests") == 5
     await connection.close()
+
+
+async def test_shutdown_writes_what_is_still_queued(
+    postgres_url: str, tmp_path: Path, fake: StartFake, gateway: StartGateway
+) -> None:
+    audit = {"journal_dir": str(tmp_path / "journal"), "flush_interval": 60}  # nothing written before close
+    gw = await gateway([await fake("base")], database={"url": postgres_url}, audit=audit)
+    async with aiohttp.ClientSession() as session:
+        assert [await chat(gw, session) for _ in range(10)] == [200] * 10
+    assert gw.audit is not None and len(gw.audit.queue) == 10
+    await gw.close()
+    connection = await asyncpg.connect(postgres_url)
+    assert await connection.fetchval("SELECT count(DISTINCT request_id) FROM requests") == 10
+    await connection.close()
