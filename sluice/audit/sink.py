@@ -12,12 +12,11 @@ column: asyncpg checks every element of an array parameter), timestamps converte
 same statement, grouped and ordered so that replicas upserting the same days, keys and models take the
 row locks in one order. COPY would be faster still on the client, but cannot skip duplicates.
 
-SQLite: the batch travels as one JSON array (one parameter, one statement text whatever the batch size, so
-neither the statement cache nor the parameter limit sees it) and is expanded with `json_each`; timestamps
-become the layer's ISO text. In one transaction, the roll-up first adds the batch's records that
-`requests` does not hold yet (from the JSON, in SQL), then one prepared `INSERT … ON CONFLICT DO NOTHING`
-runs per record (`executemany`: SQLite's JSON functions re-parse a row for every field, which made a
-single `INSERT … SELECT FROM json_each` slower than binding the values).
+SQLite, in one transaction: the roll-up first adds the batch's records whose request id `requests` does
+not hold yet (the batch as one JSON parameter, expanded with `json_each`, summed in SQL), then one
+prepared `INSERT … ON CONFLICT DO NOTHING` runs per record (`executemany`, timestamps as the layer's ISO
+text): SQLite's JSON functions re-parse a row for every field, which made a single `INSERT … SELECT FROM
+json_each` slower than binding the values.
 """
 
 from __future__ import annotations
@@ -76,15 +75,9 @@ SELECT count(*) FROM inserted"""
 
 
 PG_INSERT = _pg_statement()
-def _iso(expression: str) -> str:
-    """SQLite: epoch seconds as the fixed-width ISO-8601 UTC text the database layer writes (microseconds)."""
-    return (
-        f"CASE WHEN {expression} IS NULL THEN NULL ELSE strftime('%Y-%m-%dT%H:%M:%S', {expression}, 'unixepoch') "
-        f"|| printf('.%06d+00:00', CAST(({expression} - CAST({expression} AS INTEGER)) * 1000000 AS INTEGER)) END"
-    )
-
 
 # The roll-up first, from the batch's records not yet in `requests` (the same transaction then inserts them).
+# Request ids are unique (a random per-process prefix and a counter), so the id alone identifies a record.
 SQLITE_ROLLUP = f"""
 INSERT INTO usage_daily (day, key_id, model, requests, errors, prompt_tokens, completion_tokens, latency_ms_sum)
 SELECT date(value ->> {INDEX["received_at"]}, 'unixepoch'), coalesce(value ->> {INDEX["key_id"]}, ''),
@@ -92,10 +85,7 @@ SELECT date(value ->> {INDEX["received_at"]}, 'unixepoch'), coalesce(value ->> {
        sum(value ->> {INDEX["status"]} >= 400), coalesce(sum(value ->> {INDEX["prompt_tokens"]}), 0),
        coalesce(sum(value ->> {INDEX["completion_tokens"]}), 0), sum(value ->> {INDEX["latency_ms"]})
 FROM json_each($1)
-WHERE NOT EXISTS (
-    SELECT 1 FROM requests
-    WHERE request_id = value ->> {INDEX["request_id"]} AND received_at = {_iso(f"value ->> {INDEX['received_at']}")}
-)
+WHERE NOT EXISTS (SELECT 1 FROM requests WHERE request_id = value ->> {INDEX["request_id"]})
 GROUP BY 1, 2, 3
 {ROLLUP_UPSERT}"""
 SQLITE_INSERT = (
