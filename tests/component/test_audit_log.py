@@ -19,6 +19,8 @@ import orjson
 import pytest
 
 from sluice.app import Gateway
+from sluice.audit.record import COLUMNS
+from sluice.audit.sink import insert
 from sluice.config import DatabaseConfig
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
@@ -200,3 +202,18 @@ async def test_audit_off_writes_nothing(tmp_path: Path, fake: StartFake, gateway
     gw = await gateway([backend], **audit_sections(url, tmp_path, enabled=False))
     assert (await post(gw, "/v1/chat/completions", API_KEY, chat()))[0] == 200
     assert gw.audit is None and not (tmp_path / "off.db").exists() and not (tmp_path / "journal").exists()
+
+
+async def test_a_batch_written_twice_is_recorded_and_counted_once(db: Database) -> None:
+    """What a replay does after an insert that timed out but committed, on both databases."""
+    now = time.time() + 0.123456789  # microseconds that round and truncate differently
+    base = dict.fromkeys(COLUMNS)
+    base.update(method="POST", path="/v1/chat/completions", stream=False, status=200, latency_ms=10.0, attempts=1,
+                key_id="key:k_1", model_requested="base", prompt_tokens=3, completion_tokens=4)  # fmt: skip
+    records = [tuple({**base, "request_id": f"r{i}", "received_at": now + i / 7, "finished_at": now + 1}[c]
+                     for c in COLUMNS) for i in range(50)]  # fmt: skip
+    assert await insert(db, records) == 50
+    assert await insert(db, records[10:] + records[:10]) == 0
+    assert await db.fetchval("SELECT count(*) FROM requests") == 50
+    (daily,) = await db.fetch("SELECT requests, prompt_tokens, completion_tokens FROM usage_daily")
+    assert (daily["requests"], daily["prompt_tokens"], daily["completion_tokens"]) == (50, 150, 200)
