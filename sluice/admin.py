@@ -50,7 +50,9 @@ class NewKey(BaseModel):
 
 
 class AdminKeys:
-    def __init__(self, managed: ManagedKeys | None, announce: Callable[[str], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self, managed: ManagedKeys | None, announce: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
         self._managed = managed
         self._announce = announce
 

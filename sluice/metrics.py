@@ -27,36 +27,27 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "sluice_requests",
-            "Requests answered, by route, model, backend and HTTP status.",
+            "sluice_requests", "Requests answered, by route, model, backend and HTTP status.",
             ["route", "model", "backend", "status"],
         )
         self.duration = Histogram(
-            "sluice_request_duration_seconds",
-            "Time from request received to response finished.",
-            ["route"],
-            LATENCY_BUCKETS,
+            "sluice_request_duration_seconds", "Time from request received to response finished.",
+            ["route"], LATENCY_BUCKETS,
         )
         self.ttft = Histogram(
-            "sluice_time_to_first_token_seconds",
-            "Time from request received to the first streamed token.",
-            ["model"],
-            TTFT_BUCKETS,
+            "sluice_time_to_first_token_seconds", "Time from request received to the first streamed token.",
+            ["model"], TTFT_BUCKETS,
         )
         self.tpot = Histogram(
-            "sluice_time_per_output_token_seconds",
-            "Mean time between streamed tokens of one response.",
-            ["model"],
-            TPOT_BUCKETS,
+            "sluice_time_per_output_token_seconds", "Mean time between streamed tokens of one response.",
+            ["model"], TPOT_BUCKETS,
         )
         self.tokens = Counter(
-            "sluice_tokens",
-            "Tokens reported by the backends, by model and kind (prompt, completion).",
+            "sluice_tokens", "Tokens reported by the backends, by model and kind (prompt, completion).",
             ["model", "kind"],
         )
         self.retries = Counter(
-            "sluice_upstream_retries",
-            "Requests retried on another backend, by the backend that failed and why.",
+            "sluice_upstream_retries", "Requests retried on another backend, by the backend that failed and why.",
             ["backend", "reason"],
         )
         self.circuit_transitions = Counter(
@@ -65,8 +56,7 @@ class GatewayMetrics:
             ["backend", "model", "state"],
         )
         self.stream_errors = Counter(
-            "sluice_stream_errors",
-            "Streams cut after they started (answered with an SSE error event).",
+            "sluice_stream_errors", "Streams cut after they started (answered with an SSE error event).",
             ["backend"],
         )
         self.adapter_operations = Counter(
@@ -129,19 +119,8 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
         yield from collect_all(
-            [
-                m.requests,
-                m.duration,
-                m.ttft,
-                m.tpot,
-                m.tokens,
-                m.retries,
-                m.stream_errors,
-                m.circuit_transitions,
-                m.adapter_operations,
-                m.rate_limited,
-                m.auth_failures,
-            ]
+            [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
+             m.adapter_operations, m.rate_limited, m.auth_failures]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(
@@ -183,7 +162,8 @@ def _audit_metrics(writer: Any) -> Iterator[Metric]:
         "sluice_audit_records",
         "Audit records by what became of them: written (to the database), journaled (to disk while the database "
         "was away), replayed (from the journal), dropped (no room, audit.on_full: drop), rejected (requests "
-        "refused for want of room, audit.on_full: reject).",
+        "refused for want of room, audit.on_full: reject), invalid (refused by the database for their data, kept in "
+        "the dead-letter file).",
         labels=["outcome"],
     )
     for outcome, count in writer.counts.items():

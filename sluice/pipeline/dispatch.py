@@ -35,21 +35,9 @@ EVENT_STREAM = b"text/event-stream"
 # Headers that describe the client's connection or credentials, never forwarded to a backend.
 NOT_FORWARDED = frozenset(
     {
-        b"host",
-        b"authorization",
-        b"connection",
-        b"keep-alive",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"expect",
-        b"cookie",
-        b"content-type",
-        b"x-request-id",
+        b"host", b"authorization", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
+        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect", b"cookie",
+        b"content-type", b"x-request-id",
     }
 )
 
@@ -96,9 +84,8 @@ class Dispatcher:
         candidates = self._closed_circuits(candidates, ctx.model) or self._fallback(ctx) or candidates
         if not candidates:
             chain = ", ".join((ctx.model, *self._routing.fallbacks.get(ctx.model, ())))
-            raise NoHealthyBackend(
-                f"No healthy backend serves {chain} right now; retry later.", headers=self._retry_after
-            )
+            raise NoHealthyBackend(f"No healthy backend serves {chain} right now; retry later.",
+                                   headers=self._retry_after)
         if self._capped:
             candidates = await self._admission.wait_for_capacity(candidates)
         head = self._head(ctx)
@@ -217,12 +204,9 @@ class Dispatcher:
         route = ctx.route
         assert route is not None
         parts = [
-            b"POST ",
-            route.upstream_path,
-            b" HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(ctx.payload),
-            b"x-request-id: ",
-            ctx.writer.request_id,
-            b"\r\n",
+            b"POST ", route.upstream_path, b" HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            % len(ctx.payload),
+            b"x-request-id: ", ctx.writer.request_id, b"\r\n",
         ]
         for name, value in ctx.request.headers:
             if name not in NOT_FORWARDED:
@@ -270,7 +254,9 @@ class Dispatcher:
                 self._placer.forget(backend, model)  # unloaded behind our back (another replica, an operator)
                 return AdapterGone(f"Backend {backend.name} no longer has adapter '{model}' loaded.")
             if exchange.status >= 500:
-                return ErrorAnswer(f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}")
+                return ErrorAnswer(
+                    f"Backend {backend.name} answered {exchange.status}: {_message(exchange.body)}"
+                )
             if streamed:
                 await self._relay(ctx, exchange)
             else:
