@@ -4,7 +4,7 @@
 
 Reads the `requests` table (percentiles over the window) or, with `--daily`, the `usage_daily` roll-up
 (one line per UTC day, cheap over months). Like `sluice keys`, it applies pending schema migrations first
-and shares its conventions (sluice/identity/keys_cli.py): a table for people or, with `--json`, the same
+and shares its conventions (sluice/cli_common.py): a table for people or, with `--json`, the same
 document `GET /admin/usage` answers; exit codes 0 done, 1 the database failed or cannot be reached, 2
 wrong usage or configuration (a bad `--since` included).
 """
@@ -27,10 +27,8 @@ from sluice.audit.usage import (
     report_window,
     usage_report,
 )
+from sluice.cli_common import UsageError, common_options, run_command, table, when
 from sluice.config import SluiceConfig
-
-# Shared with `sluice keys` and `sluice db` rather than copied; private there for now (see the report).
-from sluice.identity.keys_cli import UsageError, _common_options, _run, _table, _when
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
 
@@ -38,7 +36,7 @@ from sluice.store.migrations import upgrade
 def main(argv: list[str]) -> int:
     """`sluice usage ...` (the arguments after `usage`)."""
     args = _parser().parse_args(argv)
-    return _run("sluice usage", lambda config: _usage(args, config), args.config)
+    return run_command("sluice usage", lambda config: _usage(args, config), args.config)
 
 
 async def _usage(args: argparse.Namespace, config: SluiceConfig) -> None:
@@ -56,7 +54,7 @@ async def _usage(args: argparse.Namespace, config: SluiceConfig) -> None:
             _print(report_document(first, last, days), title, _daily_table(days), args.json)
         else:
             rows = await usage_report(db, since=since, until=until, key=args.key, model=args.model)
-            title = f"Requests from {_when(since)} to {_when(until)}"
+            title = f"Requests from {when(since)} to {when(until)}"
             _print(report_document(since, until, rows), title, _report_table(rows), args.json)
     finally:
         await db.close()
@@ -102,7 +100,7 @@ def _report_table(rows: Sequence[UsageRow]) -> str | None:
         )
         for r in rows
     ]
-    return _table(headers, lines)
+    return table(headers, lines)
 
 
 def _daily_table(days: Sequence[DailyRow]) -> str | None:
@@ -122,7 +120,7 @@ def _daily_table(days: Sequence[DailyRow]) -> str | None:
         )
         for d in days
     ]
-    return _table(headers, lines)
+    return table(headers, lines)
 
 
 def _ms(value: float | None) -> str:
@@ -132,7 +130,7 @@ def _ms(value: float | None) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sluice usage",
-        parents=[_common_options()],
+        parents=[common_options()],
         description="Usage per key and model from the audit log in database.url.",
         epilog=f"--since and --until take {ACCEPTED}. Example: --since 7d --model base --daily",
     )

@@ -4,60 +4,43 @@ Both read `database.url` (and, for keys, `auth.key_secret`) from `--config FILE`
 pending migrations first, `db status` only reads. Output is a table for people or JSON with `--json`. The
 key itself is printed by `create` and `rotate` only, that once. Revoking or rotating is announced to the
 running gateways over Redis when `redis.url` is set (otherwise they notice within `auth.key_cache_ttl`).
-Exit codes: 0 done, 1 the operation failed (database unreachable, no such key...), 2 wrong usage or
-configuration.
+Exit codes as every database command (sluice/cli_common.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
-from typing import Any
 
+from sluice.cli_common import UsageError, common_options, run_command, table, when
 from sluice.config import NAME_PATTERN, SluiceConfig
-from sluice.config_loader import ConfigError, load_config
 from sluice.identity.keys import InvalidKeyRequest, KeyRecord, KeyStore, KeyStoreError
-from sluice.store.database import Database, DatabaseError
+from sluice.store.database import Database
 from sluice.store.migrations import status, upgrade
 
 NOT_SHOWN_AGAIN = "Store it now: it cannot be shown again (Sluice keeps only a keyed hash of it)."
 
 
-class UsageError(Exception):
-    """Wrong arguments or configuration (exit code 2)."""
-
-
 def main(argv: list[str]) -> int:
     """`sluice keys ...` (the arguments after `keys`)."""
     args = _keys_parser().parse_args(argv)
-    return _run("sluice keys", lambda config: _keys(args, config), args.config)
+    return run_command(
+        "sluice keys",
+        lambda config: _keys(args, config),
+        args.config,
+        usage_errors=(InvalidKeyRequest,),
+        failures=(KeyStoreError,),
+    )
 
 
 def db_main(argv: list[str]) -> int:
     """`sluice db ...` (the arguments after `db`)."""
     args = _db_parser().parse_args(argv)
-    return _run("sluice db", lambda config: _db(args, config), args.config)
-
-
-def _run(prog: str, work: Callable[[SluiceConfig], Coroutine[Any, Any, None]], config_path: str) -> int:
-    try:
-        try:
-            config = load_config(config_path)
-        except ConfigError as exc:
-            raise UsageError(f"invalid configuration\n{exc}") from None
-        asyncio.run(work(config))
-    except (UsageError, InvalidKeyRequest) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    except (DatabaseError, KeyStoreError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("sluice db", lambda config: _db(args, config), args.config)
 
 
 # ---- sluice keys ----
@@ -154,12 +137,12 @@ def _print_list(records: Sequence[KeyRecord], as_json: bool) -> None:
             _number(r.requests_per_minute),
             _number(r.tokens_per_minute),
             _number(r.max_concurrency),
-            _when(r.expires_at, "never"),
-            _when(r.created_at),
+            when(r.expires_at, "never"),
+            when(r.created_at),
         )
         for r in records
     ]
-    print(_table(headers, rows))
+    print(table(headers, rows))
 
 
 def _fields(record: KeyRecord) -> str:
@@ -172,18 +155,18 @@ def _fields(record: KeyRecord) -> str:
         ("models", _models(record.models)),
         ("tenant", record.tenant or "-"),
         ("limits", "requests/min {}, tokens/min {}, concurrency {}".format(*(_number(v) for v in limits))),
-        ("expires", _when(record.expires_at, "never")),
-        ("created", _when(record.created_at)),
+        ("expires", when(record.expires_at, "never")),
+        ("created", when(record.created_at)),
     ]
     pairs += [("bodies", "logged in the audit log")] if record.log_bodies else []
-    pairs += [("rotated", _when(record.rotated_at))] if record.rotated_at else []
-    pairs += [("revoked", _when(record.revoked_at))] if record.revoked_at else []
+    pairs += [("rotated", when(record.rotated_at))] if record.rotated_at else []
+    pairs += [("revoked", when(record.revoked_at))] if record.revoked_at else []
     return "\n".join(f"  {name:<8} {value}" for name, value in pairs)
 
 
 def _keys_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice keys", description="Managed API keys, kept in database.url.")
-    common = _common_options()
+    common = common_options()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     create = commands.add_parser("create", parents=[common], help="make a key and print it (this once)")
@@ -233,9 +216,9 @@ async def _db(args: argparse.Namespace, config: SluiceConfig) -> None:
             print(json.dumps({"database": db.url, "migrations": items}, indent=2))
             return
         rows = [
-            (f"{s.version:04d}", s.name, _migration_state(s.applied_at, s.known), _when(s.applied_at)) for s in states
+            (f"{s.version:04d}", s.name, _migration_state(s.applied_at, s.known), when(s.applied_at)) for s in states
         ]
-        print(f"{db.url}\n\n{_table(('VERSION', 'NAME', 'STATE', 'APPLIED'), rows)}")
+        print(f"{db.url}\n\n{table(('VERSION', 'NAME', 'STATE', 'APPLIED'), rows)}")
     finally:
         await db.close()
 
@@ -248,7 +231,7 @@ def _migration_state(applied_at: datetime | None, known: bool) -> str:
 
 def _db_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice db", description="The database schema (database.url).")
-    common = _common_options()
+    common = common_options()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("upgrade", parents=[common], help="apply pending migrations")
     commands.add_parser("status", parents=[common], help="show applied and pending migrations")
@@ -256,13 +239,6 @@ def _db_parser() -> argparse.ArgumentParser:
 
 
 # ---- shared ----
-
-
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", required=True, metavar="FILE", help="the gateway's YAML configuration")
-    common.add_argument("--json", action="store_true", help="print JSON for programs")
-    return common
 
 
 def _name(value: str) -> str:
@@ -292,16 +268,6 @@ def _expiry(value: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date (2027-01-31) or time (2027-01-31T12:00Z)") from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = (headers, *rows)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
-
-
-def _when(value: datetime | None, missing: str = "-") -> str:
-    return missing if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _number(value: int | None) -> str:
