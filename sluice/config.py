@@ -71,6 +71,7 @@ class ApiKeyConfig(KeyLimitsConfig):
     models: tuple[str, ...] | None = None
     tenant: str | None = None
     log_bodies: bool = False  # store this key's prompts and responses in the audit log (audit.body_max_bytes)
+    cache: bool = True  # answers for this key may come from and go to the response cache
 
 
 JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
@@ -272,6 +273,54 @@ class AuditConfig(Section):
     body_max_bytes: int = Field(16 * 1024, ge=0)  # cap on stored prompt and response, for keys that log bodies
 
 
+class EmbedderConfig(Section):
+    """What turns text into vectors for the semantic cache (sluice/cache/embedders.py)."""
+
+    kind: Literal["local", "openai"] = "local"  # local: all-MiniLM-L6-v2 in process; openai: a /v1/embeddings server
+    model: str = "all-MiniLM-L6-v2"  # the model name (sent to the server for kind: openai)
+    url: str | None = None  # kind openai: base URL, e.g. http://127.0.0.1:8001 (a vLLM serving BAAI/bge-m3)
+    api_key_env: str | None = None  # kind openai: environment variable holding the server's key
+    timeout: PositiveSeconds = 2.0  # an embedding slower than this skips the semantic level for the request
+    max_batch: int = Field(64, ge=1, le=2048)  # texts per embedding call (concurrent requests are batched)
+
+    @model_validator(mode="after")
+    def _url_for_openai(self) -> EmbedderConfig:
+        if self.kind == "openai" and not self.url:
+            raise ValueError("url is required when kind is openai")
+        return self
+
+
+class SemanticCacheConfig(Section):
+    enabled: bool = True
+    threshold: float = Field(0.98, gt=0, le=1)  # cosine similarity of the last user messages (make cache-eval)
+    guard: bool = True  # also require the same numbers, negations and names (sluice/cache/guard.py)
+
+
+class CacheModelConfig(Section):
+    """Caching for one model (or the default for every model)."""
+
+    enabled: bool = True
+    max_temperature: float = Field(0.0, ge=0)  # requests sampling hotter than this are not cached
+    semantic: bool = True  # the semantic level for this model (the exact level always applies)
+
+
+class CacheConfig(Section):
+    """The response cache (sluice/cache/, docs/cache.md)."""
+
+    enabled: bool = False
+    store: Literal["auto", "memory", "redis"] = "auto"  # auto: Redis when redis.url is set, else in process
+    ttl: PositiveSeconds = 3600.0  # seconds an answer stays servable after it was stored
+    max_entries: int = Field(10_000, ge=1)  # least recently used entries are evicted past this
+    max_entry_bytes: int = Field(256 * 1024, ge=1024)  # larger answers are not stored
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
+    default: CacheModelConfig = CacheModelConfig()
+    models: dict[str, CacheModelConfig] = {}  # per model name (base or adapter), replacing `default`
+
+    def for_model(self, model: str) -> CacheModelConfig:
+        return self.models.get(model, self.default)
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -292,6 +341,7 @@ class SluiceConfig(Section):
     redis: RedisConfig = RedisConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     audit: AuditConfig = AuditConfig()
+    cache: CacheConfig = CacheConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ class Principal:
     scopes: frozenset[str] = frozenset()
     limits: Limits = Limits()
     log_bodies: bool = False  # store prompts and responses with the audit rows (capped)
+    cache: bool = True  # answers may come from and go to the response cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,8 @@ class RequestContext:
         "attempts",
         "backend",
         "body",
+        "cache_capture",
+        "cache_result",
         "capture",
         "client_ip",
         "include_usage",
@@ -97,6 +100,8 @@ class RequestContext:
         self.limit_ticket: Any = None  # what the rate limits reserved, settled when the request ends
         self.rate_limit: str | None = None  # the limits' verdict for the audit log: allowed, limited, fail_open…
         self.capture: bytearray | None = None  # the response, kept for the audit log (keys that log bodies)
+        self.cache_capture: bytearray | None = None  # the whole answer as received, to store in the cache
+        self.cache_result: str | None = None  # hit_exact, hit_semantic, miss, bypass; None: not cacheable route
         self.backend = ""
         self.attempts = 0
         self.usage: dict[str, Any] | None = None

@@ -21,6 +21,7 @@ from sluice.upstream.backends import Backend, Backends
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1)
+CACHE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class GatewayMetrics:
@@ -72,10 +73,35 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             "sluice_auth_failures", "Requests refused for their credentials, by reason.", ["reason"]
         )
+        self.cache_lookups = Counter(
+            "sluice_cache_lookups",
+            "Response cache outcomes, by route and result (hit_exact, hit_semantic, miss, bypass: not consulted).",
+            ["route", "result"],
+        )
+        self.cache_lookup_duration = Histogram(
+            "sluice_cache_lookup_duration_seconds",
+            "Time to look a request up in the response cache, by level (exact; semantic: excluding the embedding).",
+            ["level"], CACHE_BUCKETS,
+        )
+        self.cache_embedding_duration = Histogram(
+            "sluice_cache_embedding_duration_seconds", "Time to embed a request for the semantic cache.",
+            [], CACHE_BUCKETS,
+        )
+        self.cache_errors = Counter(
+            "sluice_cache_errors",
+            "Response cache operations that failed and were skipped, by part (store: Redis; embedder).",
+            ["part"],
+        )
+        self.cache_stores = Counter(
+            "sluice_cache_stores",
+            "Answers offered to the response cache, by outcome (stored, incomplete, too_large, failed).",
+            ["outcome"],
+        )
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
         self.rate_limiter: Any = None  # sluice.ratelimit.RateLimiter: degraded, redis_errors
         self.audit: Any = None  # sluice.audit.writer.AuditWriter: counts, queue, journal, database_up
+        self.cache: Any = None  # sluice.cache.service.ResponseCache: store health
 
     def watch_backends(self, backends: Backends) -> None:
         self.registry.register(_StateCollector(self, backends))
@@ -120,7 +146,8 @@ class _StateCollector(Collector):
         m = self._metrics
         yield from collect_all(
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
-             m.adapter_operations, m.rate_limited, m.auth_failures]
+             m.adapter_operations, m.rate_limited, m.auth_failures, m.cache_lookups, m.cache_lookup_duration,
+             m.cache_embedding_duration, m.cache_errors, m.cache_stores]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(
@@ -138,6 +165,9 @@ class _StateCollector(Collector):
             )
         if m.audit is not None:
             yield from _audit_metrics(m.audit)
+        if m.cache is not None:
+            yield GaugeMetricFamily("sluice_cache_store_up", "1 while the response cache's store (Redis) answers.",
+                                    1.0 if m.cache.store_up else 0.0)  # fmt: skip
         now = time.monotonic()
         for name, documentation, value in BACKEND_GAUGES:
             family = GaugeMetricFamily(name, documentation, labels=["backend"])

@@ -27,6 +27,8 @@ LOCAL = (
     Route("admin_keys", ("GET", "POST"), public=False, proxied=False, admin=True),
     Route("admin_key", ("GET", "POST"), public=False, proxied=False, admin=True),
     Route("admin_usage", ("GET",), public=False, proxied=False, admin=True),  # sluice/admin_usage.py
+    Route("admin_cache", ("GET",), public=False, proxied=False, admin=True),  # sluice/admin_cache.py
+    Route("admin_cache_purge", ("POST",), public=False, proxied=False, admin=True),
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -40,6 +42,8 @@ PATHS = {
     "/admin/reload": LOCAL[5],
     "/admin/keys": LOCAL[6],
     "/admin/usage": LOCAL[8],
+    "/admin/cache": LOCAL[9],
+    "/admin/cache/purge": LOCAL[10],
 }
 PREFIXES = {"/admin/keys/": LOCAL[7]}  # /admin/keys/<id or name>[/revoke|/rotate]
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"

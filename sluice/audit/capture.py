@@ -70,7 +70,7 @@ class RecordBuilder:
             round(ttft * 1000, 3) if ttft is not None else None,
             round(elapsed * 1000, 3),
             ctx.attempts,
-            None,  # cache_result: no cache in the path yet
+            ctx.cache_result,
             ctx.rate_limit,
             prompt_body,
             response_body,

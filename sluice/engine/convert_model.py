@@ -101,7 +101,8 @@ def plain_copy(model: Any) -> Any:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.bfloat16
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    auto: Any = AutoModelForCausalLM  # untyped here: this runs on the engine venv's transformers, not ours
+    plain = auto.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -115,7 +116,7 @@ def load_tokenizer(gguf: Path) -> Any:
     """The GGUF's tokenizer with `<bos>` prepended again and Gemma's chat template."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
     tokenizer.add_bos_token = True  # rebuilds the post-processor: "<bos> $A"
     tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.convert_tokens_to_ids("<end_of_turn>") != END_OF_TURN_ID:

@@ -54,6 +54,7 @@ class AuthStage:
                 tenant=key.tenant,
                 limits=Limits(key.requests_per_minute, key.tokens_per_minute, key.max_concurrency),
                 log_bodies=key.log_bodies,
+                cache=key.cache,
             )
             self._by_digest[digest] = (digest, principal)
 

@@ -274,6 +274,8 @@ class Dispatcher:
             self._monitor.request_rediscovery()  # the backend no longer serves it: refresh the index
         if ctx.capture is not None:
             ctx.capture[:] = body[: self._body_cap]
+        if ctx.cache_capture is not None:
+            ctx.cache_capture += body
         ctx.writer.send(exchange.status, body, headers=(("x-sluice-model", ctx.served_model or ctx.model),))
 
     async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:

@@ -4,7 +4,8 @@ Runs inside the upstream connection's `data_received`: complete events are writt
 once, in their original bytes. Only events mentioning `usage` are decoded, to capture the usage chunk
 (and drop it when the client did not ask for it). The timing of content events gives the time to first
 token and the mean time per output token. For callers whose key logs bodies, the events sent are also
-kept, up to a cap, for the audit log (`ctx.capture`).
+kept, up to a cap, for the audit log (`ctx.capture`); when the answer may be cached, everything the
+backend sent is kept too (`ctx.cache_capture`, up to `MAX_CACHE_CAPTURE`), usage chunk included.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sluice.http.response import ResponseWriter
 from sluice.sse import EventSplitter, data_event
 
 DONE = b"data: [DONE]"
+MAX_CACHE_CAPTURE = 4 * 1024 * 1024  # past this a stream is not kept for the cache (cache.max_entry_bytes decides)
 
 
 class StreamRelay:
@@ -48,6 +50,13 @@ class StreamRelay:
         self.saw_done = False
 
     def feed(self, data: bytes) -> None:
+        ctx = self._ctx
+        cache = ctx.cache_capture
+        if cache is not None:
+            if len(cache) + len(data) > MAX_CACHE_CAPTURE:
+                ctx.cache_capture = None
+            else:
+                cache += data
         events = self._splitter.feed(data)
         if not events:
             return

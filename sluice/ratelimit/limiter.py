@@ -18,7 +18,7 @@ from typing import Literal
 from sluice.ratelimit.gcra import ALLOWED, Lease, Quota, Verdict
 from sluice.ratelimit.local import LocalStore
 from sluice.ratelimit.redis_store import RedisStore
-from sluice.ratelimit.resp import RespClient, RespError
+from sluice.resp import RespClient, RespError
 
 log = logging.getLogger("sluice.ratelimit")
 FAILURES = (RespError, OSError)  # what counts as Redis being unavailable (script errors included: they alert)

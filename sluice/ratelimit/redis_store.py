@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sluice.ratelimit.gcra import EPSILON, Lease, Quota, Verdict, decide
-from sluice.ratelimit.resp import RespClient, RespError
+from sluice.resp import RespClient, RespError
 
 EPOCH = 1_700_000_000  # 2023-11-14; changing it strands the stored TATs, which only live as long as a window
 

@@ -12,6 +12,7 @@ import base64
 import math
 import os
 import random
+import re
 import struct
 import time
 import zlib
@@ -33,6 +34,7 @@ WORDS = (
 )
 # fmt: on
 DONE = b"data: [DONE]\n\n"
+TEXT_WORDS = re.compile(r"\w+")
 
 
 class WireError(Exception):
@@ -352,8 +354,13 @@ def parse_embedding(body: object, base_model: str, serves: Callable[[str], bool]
 
 
 def embedding_vector(text: str, dim: int) -> list[float]:
-    """A deterministic unit vector for `text` (same text, same vector, in every process)."""
-    rng = random.Random(zlib.crc32(text.encode()) ^ (dim << 32))
+    """A deterministic unit vector for `text` (same words, same vector, in every process).
+
+    Like an uncased embedding model (all-MiniLM-L6-v2 is one), case and punctuation do not change the
+    vector: "What is X?" and "what is x" embed alike, any other change gives an unrelated vector.
+    """
+    words = " ".join(TEXT_WORDS.findall(text.lower()))
+    rng = random.Random(zlib.crc32(words.encode()) ^ (dim << 32))
     values = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = math.sqrt(sum(v * v for v in values)) or 1.0
     return [v / norm for v in values]

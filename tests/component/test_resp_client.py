@@ -11,7 +11,7 @@ import time
 import pytest
 import redis.asyncio as redis
 
-from sluice.ratelimit.resp import RespClient, RespError
+from sluice.resp import RespClient, RespError
 from tests.redis_server import RedisServer
 
 

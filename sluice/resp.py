@@ -1,4 +1,4 @@
-"""A lean Redis client for the rate limiter's two scripts: one pipelined connection, hiredis on both ends.
+"""A lean Redis client for the hot path (rate limits, cache lookups): one pipelined connection, hiredis on both ends.
 
 Why not redis-py on this path: it was measured at about 400 µs of client CPU per EVALSHA on this machine
 (connection-pool checkout, command packing and reply parsing in Python, its retry machinery), against

@@ -1,0 +1,96 @@
+"""The response cache's admin API, behind the admin credential (`auth.admin_key`).
+
+    GET  /admin/cache          {"enabled", "store", "store_up", "entries"}
+    POST /admin/cache/purge    {"tenant": T} | {"caller": S} | {"model": M} | a tenant or caller with a model
+                               | {"all": true}  →  {"purged": N}
+
+`tenant` is a key's tenant (or a JWT's tenant claim); `caller` is the subject of a caller without a
+tenant, as the audit log shows it (`static:<name>`, `key:<id>`, `jwt:<issuer>:<user>`). A purge
+reaches every replica (sluice/cache/redis_store.py). With the cache off both answer 404.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sluice.cache.service import ResponseCache
+from sluice.cache.types import CacheUnavailable
+from sluice.context import RequestContext
+from sluice.errors import GatewayError, InvalidJSON, InvalidRequest, NotFound
+
+RETRY_AFTER = (("retry-after", "5"),)
+
+
+class CacheStoreUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "cache_unavailable"
+
+
+class Purge(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tenant: str | None = Field(None, min_length=1)
+    caller: str | None = Field(None, min_length=1)
+    model: str | None = Field(None, min_length=1)
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Purge:
+        if self.tenant and self.caller:
+            raise ValueError("give tenant or caller, not both")
+        if self.all == bool(self.tenant or self.caller or self.model):
+            raise ValueError('name a tenant, a caller and/or a model, or send {"all": true}')
+        return self
+
+
+class AdminCache:
+    def __init__(self, cache: ResponseCache | None) -> None:
+        self._cache = cache
+
+    async def status(self, ctx: RequestContext) -> None:
+        cache = self._enabled()
+        try:
+            entries: int | None = await cache.store.size()
+        except CacheUnavailable:
+            entries = None
+        document = {
+            "enabled": True,
+            "store": type(cache.store).__name__,
+            "store_up": entries is not None,
+            "entries": entries,
+        }
+        ctx.writer.send(200, orjson.dumps(document))
+
+    async def purge(self, ctx: RequestContext) -> None:
+        cache = self._enabled()
+        wanted = _parse(ctx.request.body)
+        tenant = f"tenant:{wanted.tenant}" if wanted.tenant else f"caller:{wanted.caller}" if wanted.caller else None
+        try:
+            purged = await cache.store.purge(tenant, wanted.model)
+        except CacheUnavailable as exc:
+            raise CacheStoreUnavailable(
+                f"The cache's store is unreachable ({exc}); nothing was purged, retry later.", headers=RETRY_AFTER
+            ) from None
+        ctx.writer.send(200, orjson.dumps({"purged": purged}))
+
+    def _enabled(self) -> ResponseCache:
+        if self._cache is None:
+            raise NotFound("The response cache is off (cache.enabled: false).")
+        return self._cache
+
+
+def _parse(raw: bytes) -> Purge:
+    try:
+        body: Any = orjson.loads(raw or b"null")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
+    try:
+        return Purge.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidRequest(f"{where}: {first['msg']}", param=where) from None

@@ -1,0 +1,1 @@
+"""The response cache: exact and semantic lookups, scoped so an answer never crosses tenants (docs/cache.md)."""
