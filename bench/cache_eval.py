@@ -33,6 +33,7 @@ from bench.cache_eval_pairs import pairs as handwritten_pairs
 from bench.env import machine
 from sluice.cache.embedders import LocalEmbedder
 from sluice.cache.guard import compatible, features
+from sluice.cache.keys import embedding_text
 from sluice.engine.progress import Progress
 
 THRESHOLDS = [round(0.80 + 0.01 * i, 2) for i in range(20)]
@@ -99,7 +100,8 @@ async def embed_all(embedder: LocalEmbedder, texts: list[str], progress: Progres
     vectors: dict[str, np.ndarray] = {}
     for start in range(0, len(unique), CHUNK):
         chunk = unique[start : start + CHUNK]
-        vectors.update(zip(chunk, await embedder.embed(chunk), strict=True))
+        # the text the gateway embeds for a question (sluice/cache/keys.py), keyed by the question
+        vectors.update(zip(chunk, await embedder.embed([embedding_text(t) for t in chunk]), strict=True))
         progress.tick()
     progress.done()
     return vectors

@@ -3,7 +3,7 @@
     GET  /admin/keys                   list (`?all=1` includes revoked keys)
     POST /admin/keys                   create: {"name", "models", "tenant", "requests_per_minute",
                                        "tokens_per_minute", "max_concurrency", "expires_at",
-                                       "log_bodies"} → 201, the key once
+                                       "log_bodies", "cache"} → 201, the key once
     GET  /admin/keys/<id or name>      one key's record
     POST /admin/keys/<id or name>/revoke
     POST /admin/keys/<id or name>/rotate   → the new key, once
@@ -47,6 +47,7 @@ class NewKey(BaseModel):
     max_concurrency: int | None = Field(None, ge=1)
     expires_at: datetime | None = None
     log_bodies: bool = False
+    cache: bool = True
 
 
 class AdminKeys:
@@ -73,6 +74,7 @@ class AdminKeys:
                 max_concurrency=wanted.max_concurrency,
                 expires_at=wanted.expires_at,
                 log_bodies=wanted.log_bodies,
+                cache=wanted.cache,
             )
         except DuplicateName as exc:
             raise Conflict(str(exc), param="name") from None

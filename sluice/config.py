@@ -273,20 +273,25 @@ class AuditConfig(Section):
     body_max_bytes: int = Field(16 * 1024, ge=0)  # cap on stored prompt and response, for keys that log bodies
 
 
+LOCAL_EMBEDDING_MODELS = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+
+
 class EmbedderConfig(Section):
     """What turns text into vectors for the semantic cache (sluice/cache/embedders.py)."""
 
     kind: Literal["local", "openai"] = "local"  # local: all-MiniLM-L6-v2 in process; openai: a /v1/embeddings server
     model: str = "all-MiniLM-L6-v2"  # the model name (sent to the server for kind: openai)
     url: str | None = None  # kind openai: base URL, e.g. http://127.0.0.1:8001 (a vLLM serving BAAI/bge-m3)
-    api_key_env: str | None = None  # kind openai: environment variable holding the server's key
+    api_key: str | None = None  # kind openai: the server's key, from the environment ("${EMBEDDER_KEY}")
     timeout: PositiveSeconds = 2.0  # an embedding slower than this skips the semantic level for the request
     max_batch: int = Field(64, ge=1, le=2048)  # texts per embedding call (concurrent requests are batched)
 
     @model_validator(mode="after")
-    def _url_for_openai(self) -> EmbedderConfig:
+    def _usable(self) -> EmbedderConfig:
         if self.kind == "openai" and not self.url:
             raise ValueError("url is required when kind is openai")
+        if self.kind == "local" and self.model not in LOCAL_EMBEDDING_MODELS:
+            raise ValueError(f"kind local runs only all-MiniLM-L6-v2 (bundled), not {self.model!r}; use kind openai")
         return self
 
 
@@ -349,6 +354,8 @@ class SluiceConfig(Section):
         names = [b.name for b in self.backends]
         if len(set(names)) != len(names):
             raise ValueError("backends names must be unique")
+        if self.cache.enabled and self.cache.store == "redis" and self.redis.url is None:
+            raise ValueError("cache.store is redis but redis.url is not set (set it, or use cache.store: auto)")
         return self
 
 

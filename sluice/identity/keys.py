@@ -38,7 +38,7 @@ ID_PREFIX = "k_"
 ID_CHARS = 10
 COLUMNS = (
     "id, name, prefix, models, tenant, requests_per_minute, tokens_per_minute, max_concurrency, "
-    "created_at, expires_at, revoked_at, rotated_at, log_bodies"
+    "created_at, expires_at, revoked_at, rotated_at, log_bodies, cache"
 )
 KeyState = Literal["active", "revoked", "expired"]
 
@@ -80,6 +80,7 @@ class KeyRecord:
     revoked_at: datetime | None
     rotated_at: datetime | None
     log_bodies: bool = False  # prompts and responses are stored with the audit rows (capped)
+    cache: bool = True  # answers may come from and go to the response cache
 
     def state(self, now: datetime | None = None) -> KeyState:
         if self.revoked_at is not None:
@@ -97,6 +98,7 @@ class KeyRecord:
             tenant=self.tenant,
             limits=Limits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrency),
             log_bodies=self.log_bodies,
+            cache=self.cache,
         )
 
     def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
@@ -120,6 +122,7 @@ class KeyRecord:
             "revoked_at": iso(self.revoked_at),
             "rotated_at": iso(self.rotated_at),
             "log_bodies": self.log_bodies,
+            "cache": self.cache,
         }
 
 
@@ -158,6 +161,7 @@ class KeyStore:
         max_concurrency: int | None = None,
         expires_at: datetime | None = None,
         log_bodies: bool = False,
+        cache: bool = True,
     ) -> tuple[str, KeyRecord]:
         """A new key (returned this once) and its record; naive `expires_at` is taken as UTC."""
         now = self._clock()
@@ -178,11 +182,12 @@ class KeyStore:
             revoked_at=None,
             rotated_at=None,
             log_bodies=log_bodies,
+            cache=cache,
         )
         try:
             await self._db.execute(
                 f"INSERT INTO api_keys (digest, {COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                 self.digest(key.encode()),
                 record.id,
                 record.name,
@@ -197,6 +202,7 @@ class KeyStore:
                 None,
                 None,
                 record.log_bodies,
+                record.cache,
             )
         except UniqueViolation:
             raise DuplicateName(f"a key named {name!r} already exists; revoke it or choose another name") from None
@@ -265,6 +271,7 @@ def _record(row: Row) -> KeyRecord:
             **row,
             "models": None if models is None else tuple(json.loads(models)),
             "log_bodies": bool(row["log_bodies"]),
+            "cache": bool(row["cache"]),
         }
     )
 

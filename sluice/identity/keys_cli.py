@@ -68,6 +68,7 @@ async def _keys(args: argparse.Namespace, config: SluiceConfig) -> None:
                 max_concurrency=args.max_concurrency,
                 expires_at=args.expires,
                 log_bodies=args.log_bodies,
+                cache=not args.no_cache,
             )
             _print_new_key(f"Created key {record.name!r}.", key, record, args.json)
         elif args.command == "list":
@@ -159,6 +160,7 @@ def _fields(record: KeyRecord) -> str:
         ("created", when(record.created_at)),
     ]
     pairs += [("bodies", "logged in the audit log")] if record.log_bodies else []
+    pairs += [("cache", "off: never answered from or stored in the response cache")] if not record.cache else []
     pairs += [("rotated", when(record.rotated_at))] if record.rotated_at else []
     pairs += [("revoked", when(record.revoked_at))] if record.revoked_at else []
     return "\n".join(f"  {name:<8} {value}" for name, value in pairs)
@@ -182,6 +184,7 @@ def _keys_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--log-bodies", action="store_true", help="store its prompts and responses in the audit log (capped)"
     )
+    create.add_argument("--no-cache", action="store_true", help="keep its requests out of the response cache")
 
     listing = commands.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")

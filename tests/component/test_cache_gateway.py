@@ -7,8 +7,12 @@ punctuation like an uncased embedding model, which gives semantic hits on demand
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +25,7 @@ from sluice.app import Gateway
 from sluice.cache.redis_store import RedisCacheStore
 from sluice.testing.fake_vllm import FakeVLLM
 from tests.component.test_audit_log import rows_eventually
-from tests.conftest import API_KEY, StartFake, StartGateway
+from tests.conftest import API_KEY, StartFake, StartGateway, free_port
 from tests.redis_server import RedisServer
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -60,7 +64,7 @@ def cache_sections(embedder: FakeVLLM, prefix: str | None, **cache: Any) -> dict
 
 
 async def chat(
-    gw: Gateway, key: str = API_KEY, headers: dict[str, str] | None = None, **body: Any
+    gw: Gateway | Remote, key: str = API_KEY, headers: dict[str, str] | None = None, **body: Any
 ) -> tuple[int, dict[str, str], bytes]:
     payload = {"model": "base", "messages": QUESTION, "temperature": 0, **body}
     async with (
@@ -244,20 +248,62 @@ async def test_tenants_never_share_answers(fake: StartFake, gateway: StartGatewa
     assert backend.stats.requests_total == 3
 
 
-async def test_two_gateways_share_one_cache(fake: StartFake, gateway: StartGateway, prefix: str) -> None:
+async def test_two_gateway_processes_share_one_cache(
+    fake: StartFake, gateway: StartGateway, prefix: str, tmp_path: Path
+) -> None:
     backend = await fake("base", tokens=4)
-    one = await gateway([backend], **cache_sections(await fake("embedder"), prefix))
-    two = await gateway([backend], **cache_sections(await fake("embedder"), prefix))
-    await chat(one)
-    await settled(one)
-    assert (await chat(two))[1]["x-sluice-cache"] == "hit-exact"
-    similar = [QUESTION[0], {"role": "user", "content": "WHAT is the capital of France"}]
-    for _ in range(100):  # the other replica's index follows the stream
-        headers = (await chat(two, messages=similar, headers={"cache-control": "no-store"}))[1]
-        if headers["x-sluice-cache"] == "hit-semantic":
-            break
-    else:
-        pytest.fail("the second gateway never found the first one's answer by meaning")
+    embedder = await fake("embedder")
+    here = await gateway([backend], **cache_sections(embedder, prefix))
+    port = free_port()
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        orjson.dumps(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "backends": [{"name": "b0", "url": backend.url}],
+                "database": {"url": f"sqlite:///{tmp_path}/sluice.db"},
+                "audit": {"enabled": False},
+                "logging": {"level": "warning"},
+                **cache_sections(embedder, prefix),
+            }
+        ).decode()  # JSON is YAML
+    )
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "sluice", "serve", "--config", str(config))
+    try:
+        there = Remote(f"http://127.0.0.1:{port}")
+        for _ in range(150):
+            with contextlib.suppress(aiohttp.ClientError):
+                if (await chat(there, headers={"cache-control": "no-store"}))[0] == 200:
+                    break
+            await asyncio.sleep(0.1)
+        await chat(here, messages=[QUESTION[1]])
+        await settled(here)
+        assert (await chat(there, messages=[QUESTION[1]]))[1]["x-sluice-cache"] == "hit-exact"
+        similar = [{"role": "user", "content": "WHAT is the capital of France"}]
+        await eventually_hit(there, similar, "hit-semantic")  # the other process's index follows the stream
+        other = [{"role": "user", "content": "Name the largest planet."}]
+        assert (await chat(there, messages=other))[1]["x-sluice-cache"] == "miss"
+        await eventually_hit(here, other, "hit-exact")  # stored by the other process, in the background
+        await eventually_hit(here, [{"role": "user", "content": "name the LARGEST planet"}], "hit-semantic")
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+@dataclass
+class Remote:
+    """A gateway in another process, as `chat` sees it."""
+
+    url: str
+
+
+async def eventually_hit(gw: Gateway | Remote, messages: list[dict[str, str]], result: str) -> None:
+    for _ in range(100):
+        headers = (await chat(gw, messages=messages, headers={"cache-control": "no-store"}))[1]
+        if headers["x-sluice-cache"] == result:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"never a {result} for {messages}")
 
 
 async def test_admin_purge(fake: StartFake, gateway: StartGateway, store: str | None) -> None:
@@ -355,3 +401,41 @@ async def test_redis_down_bypasses_the_cache_and_requests_still_succeed(fake: St
         await settled(gw)
         assert (await chat(gw))[1]["x-sluice-cache"] == "hit-exact"
         assert "sluice_cache_store_up 1.0" in gw.metrics.render().decode()
+
+
+async def test_a_managed_key_can_be_kept_out_of_the_cache(fake: StartFake, gateway: StartGateway, prefix: str) -> None:
+    backend = await fake("base", tokens=4)
+    sections = cache_sections(await fake("embedder"), prefix)
+    sections["auth"] = {**sections["auth"], "key_secret": "s" * 40}
+    gw = await gateway([backend], **sections)
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession(headers=admin) as session:
+        keys = {}
+        for name, cache in (("cached", True), ("uncached", False)):
+            async with session.post(gw.url + "/admin/keys", json={"name": name, "cache": cache}) as response:
+                assert response.status == 201
+                created = await response.json()
+                assert created["cache"] is cache
+                keys[name] = created["key"]
+    for _ in range(2):
+        assert (await chat(gw, key=keys["uncached"]))[1]["x-sluice-cache"] == "bypass"
+    await chat(gw, key=keys["cached"])
+    await settled(gw)
+    assert (await chat(gw, key=keys["cached"]))[1]["x-sluice-cache"] == "hit-exact"
+
+
+async def test_semantic_hits_with_the_local_embedding_model(fake: StartFake, gateway: StartGateway) -> None:
+    backend = await fake("base", tokens=4)
+    gw = await gateway([backend], cache={"enabled": True, "embedder": {"kind": "local"}})
+    assert gw.cache is not None and gw.cache._warming is not None
+    await gw.cache._warming  # the model loads in the background at start-up (seconds)
+    asked = [{"role": "user", "content": "How many moons does Mars have?"}]
+    await chat(gw, messages=asked)
+    await settled(gw)
+    reworded = [{"role": "user", "content": "how many moons does mars have"}]
+    status, headers, _ = await chat(gw, messages=reworded)
+    assert (status, headers["x-sluice-cache"]) == (200, "hit-semantic")
+    assert float(headers["x-sluice-cache-similarity"]) >= 0.98
+    for different in ("How many moons does Jupiter have?", "How many moons does Mars not have?"):
+        assert (await chat(gw, messages=[{"role": "user", "content": different}]))[1]["x-sluice-cache"] == "miss"
+    assert backend.stats.requests_total == 3

@@ -273,27 +273,6 @@ async def test_a_redis_store_started_while_redis_is_down_catches_up_when_it_come
         assert ids(store, unit(1, 0, 0)) == {"a"}
 
 
-async def test_get_and_put_round_trip_times(make: MakeStore) -> None:
-    store = await make("redis")
-    value = entry("timed", unit(*np.random.default_rng(3).standard_normal(384)))
-    value = CacheEntry(
-        **{name: getattr(value, name) for name in CacheEntry.__dataclass_fields__} | {"body": b"x" * 2000}
-    )
-    await store.put(value)
-    rounds = 500
-    started = time.perf_counter()
-    for _ in range(rounds):
-        await store.put(value)
-    put = (time.perf_counter() - started) / rounds
-    await synced(store)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        await store.get("timed")
-    get = (time.perf_counter() - started) / rounds
-    print(f"redis store, one at a time: put {put * 1e6:.0f} µs, get {get * 1e6:.0f} µs")
-    assert get < 0.005 and put < 0.010
-
-
 def test_make_store_picks_redis_only_when_there_is_a_url() -> None:
     assert isinstance(make_store(CacheConfig(), RedisConfig()), MemoryCacheStore)
     assert isinstance(make_store(CacheConfig(store="memory"), RedisConfig(url=REDIS)), MemoryCacheStore)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -84,25 +82,6 @@ def test_purge_by_tenant_by_model_and_everything() -> None:
     assert index.purge(model="m1") == 3
     assert sorted(index) == ["id11", "id3", "id7"]
     assert index.purge() == 3 and len(index) == 0
-
-
-def test_nearest_at_10000_rows_in_one_scope_takes_well_under_10_ms() -> None:
-    rng = np.random.default_rng(7)
-    matrix = rng.standard_normal((10_000, 384)).astype(np.float32)
-    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
-    index = VectorIndex()
-    for i, row in enumerate(matrix):
-        index.add(f"id{i}", "scope", "minilm", "t", "m", row, NOW + 10)
-    probe = matrix[1234]
-    index.nearest("scope", "minilm", probe, 0.8, 3, NOW)
-    rounds = 200
-    started = time.perf_counter()
-    for _ in range(rounds):
-        found = index.nearest("scope", "minilm", probe, 0.8, 3, NOW)
-    per_call = (time.perf_counter() - started) / rounds
-    assert found[0][0] == "id1234"
-    print(f"nearest over 10,000 rows of 384 dimensions: {per_call * 1e3:.3f} ms")
-    assert per_call < 0.010  # about 2–4 ms on the 2-core build machine: memory-bound (15 MB per pass)
 
 
 # Components are multiples of 1/4 in [-1, 1]: every dot product of 3 of them is exact in float32, so the

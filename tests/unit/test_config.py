@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,26 @@ def test_example_config_is_valid_and_check_config_cli(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert f"{bad}:4: backends[1].weigth: unknown key" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("cache", "what"),
+    [
+        ("{enabled: true, store: redis}", "redis.url is not set"),
+        ("{enabled: true, embedder: {kind: local, model: BAAI/bge-m3}}", "kind local runs only all-MiniLM-L6-v2"),
+        ("{enabled: true, embedder: {kind: openai}}", "url is required"),
+        ("{semantic: {threshold: 1.5}}", "cache.semantic.threshold"),
+        ("{models: {m: {max_temperature: -1}}}", "cache.models.m.max_temperature"),
+        ("{ttl: 0}", "cache.ttl"),
+    ],
+)
+def test_cache_settings_are_checked(cache: str, what: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(what)):
+        parse_config(ISSUE_EXAMPLE + f"cache: {cache}\n", env={"SLUICE_CI_KEY": "sk-ci-0123456789"})
+
+
+def test_cache_settings_per_model() -> None:
+    text = ISSUE_EXAMPLE + "cache: {enabled: true, models: {hot: {max_temperature: 0.5, semantic: false}}}\n"
+    cache = parse_config(text, env={"SLUICE_CI_KEY": "sk-ci-0123456789"}).cache
+    assert cache.for_model("hot").max_temperature == 0.5 and not cache.for_model("hot").semantic
+    assert cache.for_model("other") == cache.default and cache.default.max_temperature == 0
