@@ -87,6 +87,7 @@ async def _run(port: int, engine: str, with_fake: bool, data_dir: Path) -> int:
             "server": {"host": "127.0.0.1", "port": port},
             "backends": backends,
             "auth": {"api_keys": [{"name": "demo", "key": key}]},
+            "cache": {"enabled": True},  # in process, with the local embedding model (docs/cache.md)
             "logging": {"format": "text", "level": "warning", "access_log": False},
         }
     )
@@ -122,6 +123,9 @@ Models: {models}
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
 print(c.completions.create(model='{model}', prompt='The sky is', max_tokens=16).choices[0].text)"
+
+Ask the same question twice with "temperature": 0 and `curl -i`: the second answer says
+X-Sluice-Cache: hit-exact (the response cache; reworded questions can be hit-semantic).
 
 Metrics: {url}/metrics   Ready: {url}/ready   Stop: Ctrl-C""", flush=True)
     stop = asyncio.Event()
