@@ -19,11 +19,12 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from sluice.admin_json import parse_body
 from sluice.config import NAME_PATTERN
 from sluice.context import RequestContext
-from sluice.errors import GatewayError, InvalidJSON, InvalidRequest, MethodNotAllowed, NotFound
+from sluice.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from sluice.identity.keys import DuplicateName, InvalidKeyRequest, KeyNotFound, KeyRecord, KeyRevoked, KeyStore
 from sluice.identity.managed import ManagedKeys
 
@@ -63,7 +64,7 @@ class AdminKeys:
             records = await store.list(include_revoked="all=1" in (ctx.request.query or ""))
             ctx.writer.send(200, orjson.dumps({"object": "list", "data": [_public(r) for r in records]}))
             return
-        wanted = _parse(ctx.request.body)
+        wanted = parse_body(ctx.request.body, NewKey)
         try:
             key, record = await store.create(
                 wanted.name,
@@ -115,19 +116,6 @@ class AdminKeys:
         if self._managed is None:
             raise NotFound("Managed keys are off: set auth.key_secret (e.g. from SLUICE_KEY_SECRET) to use them.")
         return self._managed.store
-
-
-def _parse(raw: bytes) -> NewKey:
-    try:
-        body = orjson.loads(raw or b"null")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
-    try:
-        return NewKey.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidRequest(f"{where}: {first['msg']}", param=where) from None
 
 
 def _public(record: KeyRecord) -> dict[str, Any]:

@@ -11,15 +11,14 @@ reaches every replica (sluice/cache/redis_store.py). With the cache off both ans
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sluice.admin_json import parse_body
 from sluice.cache.service import ResponseCache
 from sluice.cache.types import CacheUnavailable
 from sluice.context import RequestContext
-from sluice.errors import GatewayError, InvalidJSON, InvalidRequest, NotFound
+from sluice.errors import GatewayError, NotFound
 
 RETRY_AFTER = (("retry-after", "5"),)
 
@@ -67,7 +66,7 @@ class AdminCache:
 
     async def purge(self, ctx: RequestContext) -> None:
         cache = self._enabled()
-        wanted = _parse(ctx.request.body)
+        wanted = parse_body(ctx.request.body, Purge)
         tenant = f"tenant:{wanted.tenant}" if wanted.tenant else f"caller:{wanted.caller}" if wanted.caller else None
         try:
             purged = await cache.store.purge(tenant, wanted.model)
@@ -82,15 +81,3 @@ class AdminCache:
             raise NotFound("The response cache is off (cache.enabled: false).")
         return self._cache
 
-
-def _parse(raw: bytes) -> Purge:
-    try:
-        body: Any = orjson.loads(raw or b"null")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
-    try:
-        return Purge.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidRequest(f"{where}: {first['msg']}", param=where) from None
