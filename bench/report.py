@@ -12,8 +12,9 @@ from bench.targets import STACKS
 DOC_INTRO = """# Benchmarks
 
 Run the suite with `make bench` (or `python -m bench.run`; `--quick` for a smoke run, `--only
-core|limits|audit|streams|stacks|strategies` for one part, `--no-write` to leave this file alone). It needs `wrk` and
-`nginx` (`apt-get install -y wrk nginx-light`) and the bench extras (`pip install -r bench/requirements.txt`).
+core|limits|audit|streams|stacks|strategies|cache` for one part, `--no-write` to leave this file alone). It needs
+`wrk` and `nginx` (`apt-get install -y wrk nginx-light`) and the bench extras (`pip install -r
+bench/requirements.txt`).
 
 Every proxy under test (the Sluice gateway, nginx as a plain reverse proxy with one worker, the
 alternative Python stacks) runs pinned to CPU 0 with `taskset`; the upstream (nginx serving a canned chat
@@ -31,6 +32,7 @@ SECTIONS = {
     "stacks": "## HTTP stack study",
     "affinity": "## Prefix-cache affinity on real vLLM: round_robin vs affinity",
     "strategies": "## Routing strategies on fake vLLM: TTFT with shared system prompts",
+    "cache": "## Response cache lookups (make bench, part cache)",
 }
 LABELS = {
     "direct": "direct (no proxy)",

@@ -2,9 +2,10 @@
 
 Runs, side by side, direct-to-upstream vs the Sluice gateway vs nginx as a plain reverse proxy
 (non-streaming with wrk at concurrency 1/10/100, then 100 concurrent streams), the cost of per-key rate
-limits (in Redis and in process) over the bare gateway, the HTTP stack study, and the routing strategies
-on fake vLLM backends (``bench/strategies.py``). Progress goes to stderr, Markdown tables to stdout, and
-the tables into ``docs/benchmarks.md``.
+limits (in Redis and in process) over the bare gateway, the HTTP stack study, the routing strategies
+on fake vLLM backends (``bench/strategies.py``), and the response cache's lookup and embedding latency
+(``bench/cache.py``). Progress goes to stderr, Markdown tables to stdout, and the tables into
+``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import audit, report, scenarios, strategies
+from bench import audit, cache, report, scenarios, strategies
 from bench.env import BenchError, CpuPlan, Machine, cpu_plan, find_tools, machine, require_modules
 from bench.procs import REPO_ROOT
 from bench.progress import Progress
@@ -27,9 +28,9 @@ from bench.scenarios import LoadReport, StreamReport
 from bench.strategies import StrategiesReport
 from bench.targets import STACKS, Lab
 
-PARTS = ("core", "limits", "audit", "streams", "stacks", "strategies")
+PARTS = ("core", "limits", "audit", "streams", "stacks", "strategies", "cache")
 QUICK_STRATEGY_REQUESTS = 120
-Result = LoadReport | StreamReport | StrategiesReport
+Result = LoadReport | StreamReport | StrategiesReport | cache.CacheReport
 DEFAULT_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -44,6 +45,7 @@ class Options:
     rounds: int
     stream_rounds: int
     strategy_requests: int
+    cache_samples: int
     write: bool
     doc: Path
     logs: Path | None
@@ -88,6 +90,7 @@ def parse_args(argv: list[str] | None) -> Options:
         rounds=1 if quick else args.rounds,
         stream_rounds=1 if quick else args.stream_rounds,
         strategy_requests=QUICK_STRATEGY_REQUESTS if quick else args.strategy_requests,
+        cache_samples=cache.QUICK_SAMPLES if quick else cache.SAMPLES,
         write=not args.no_write,
         doc=args.doc,
         logs=args.logs.resolve() if args.logs else None,
@@ -117,6 +120,9 @@ def plan(options: Options) -> Progress:
         steps, seconds = steps + s, seconds + t
     if "strategies" in options.parts:
         s, t = strategies.plan(_strategy_setup(options))
+        steps, seconds = steps + s, seconds + t
+    if "cache" in options.parts:
+        s, t = cache.plan(options.duration_s, options.rounds)
         steps, seconds = steps + s, seconds + t
     return Progress(total_steps=steps, planned_s=seconds)
 
@@ -164,6 +170,14 @@ def run(options: Options) -> int:
                     results[part] = audit.run(lab, progress, duration_s=options.duration_s, rounds=options.rounds)
                 elif part == "streams":
                     results[part] = scenarios.run_streams(lab, progress, rounds=options.stream_rounds)
+                elif part == "cache":
+                    results[part] = cache.run(
+                        lab,
+                        progress,
+                        samples=options.cache_samples,
+                        duration_s=options.duration_s,
+                        rounds=options.rounds,
+                    )
                 elif part == "strategies":
                     results[part] = strategies.run_all(
                         _strategy_setup(options),
@@ -203,6 +217,9 @@ def render(results: dict[str, Result], host: Machine, cpus: CpuPlan) -> dict[str
             blocks[part] = report.core_markdown(result, host, cpus)
         elif part == "limits":
             blocks[part] = report.limits_markdown(result, host, cpus)
+        elif isinstance(result, cache.CacheReport):
+            detail = f"uvloop; {result.rows[0].samples:,} lookups of each kind" if result.lookups else "uvloop"
+            blocks[part] = cache.markdown(result, report.preamble(host, cpus, detail))
         elif isinstance(result, audit.AuditReport):
             detail = f"wrk 1 thread, {result.duration_s:g} s per run, median of {result.rounds} round(s)"
             blocks[part] = audit.markdown(result, report.preamble(host, cpus, detail))
