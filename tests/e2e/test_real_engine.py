@@ -152,3 +152,33 @@ async def test_registered_adapter_is_loaded_at_run_time(real_engine: str, gatewa
         await client.close()
         async with aiohttp.ClientSession() as session:
             await session.post(real_engine + "/v1/unload_lora_adapter", json={"lora_name": "medical-rt"})
+
+
+async def test_real_engine_answers_are_cached_and_replayed(real_engine: str, gateway: StartGateway) -> None:
+    """vLLM's own stream framing assembles into the body it would have sent, and replays as a stream."""
+    gw = await gateway([real_engine], health=HEALTH, cache={"enabled": True, "semantic": {"enabled": False}})
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name two rivers."}]
+    first = await client.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=messages, max_tokens=8, temperature=0, stream=True  # type: ignore[arg-type]
+    )
+    assert first.headers["x-sluice-cache"] == "miss"
+    streamed = "".join([c.choices[0].delta.content or "" async for c in first.parse() if c.choices])
+    assert gw.cache is not None
+    await asyncio.gather(*gw.cache._pending)
+    whole = await client.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=messages, max_tokens=8, temperature=0  # type: ignore[arg-type]
+    )
+    assert whole.headers["x-sluice-cache"] == "hit-exact"
+    answer = whole.parse()
+    assert answer.choices[0].message.content == streamed
+    assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 8
+    again = await client.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=messages, max_tokens=8, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    assert again.headers["x-sluice-cache"] == "hit-exact"
+    chunks = [c async for c in again.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == streamed
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    await client.close()
