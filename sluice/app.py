@@ -34,6 +34,7 @@ from sluice.identity.managed import ManagedKeys
 from sluice.identity.revocations import RevocationFeed
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
+from sluice.metrics_workers import WorkerMetrics, sibling_directory
 from sluice.pipeline.audit_gate import AuditGate
 from sluice.pipeline.auth import AuthStage
 from sluice.pipeline.cache import CacheStage
@@ -74,6 +75,8 @@ class Gateway:
         self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
         self.backends = Backends(map(self._new_backend, config.backends), config.adapters.registry)
         self.metrics.watch_backends(self.backends)
+        siblings = sibling_directory()
+        self.worker_metrics = WorkerMetrics(self.metrics, siblings) if siblings is not None else None
         self.monitor = BackendMonitor(self.backends, config.health)
         self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
@@ -141,7 +144,12 @@ class Gateway:
             config.audit.body_max_bytes if self.audit is not None else 0,
         )
         local = LocalRoutes(
-            self.backends, self.metrics, config.routing.retry_after, lambda: self.draining, self.reload_from_file
+            self.backends,
+            self.metrics,
+            config.routing.retry_after,
+            lambda: self.draining,
+            self.reload_from_file,
+            self.worker_metrics.render if self.worker_metrics is not None else None,
         )
         admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
@@ -255,6 +263,8 @@ class Gateway:
             await self.audit.start()
         if self.cache is not None:
             await self.cache.start()
+        if self.worker_metrics is not None:
+            await self.worker_metrics.start()
         self._chain = self._build_chain(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
@@ -336,6 +346,8 @@ class Gateway:
             await self.jwt.close()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.worker_metrics is not None:
+            await self.worker_metrics.close()
         if self.cache is not None:
             await self.cache.close()
         if self.audit is not None:

@@ -61,7 +61,10 @@ class LocalRoutes:
         retry_after: int,
         draining: Callable[[], bool],
         reload: Reload,
+        render_metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        """`render_metrics`: the page for `/metrics` when it must cover several workers (metrics_workers.py)."""
+        self._render_metrics = render_metrics
         self._draining = draining
         self._reload = reload
         self._backends = backends
@@ -98,7 +101,8 @@ class LocalRoutes:
         ctx.writer.send(200, orjson.dumps({"name": "sluice", "version": __version__}))
 
     async def metrics(self, ctx: RequestContext) -> None:
-        ctx.writer.send(200, self._metrics.render(), content_type=PROMETHEUS_TEXT)
+        page = self._metrics.render() if self._render_metrics is None else await self._render_metrics()
+        ctx.writer.send(200, page, content_type=PROMETHEUS_TEXT)
 
     async def reload(self, ctx: RequestContext) -> None:
         """`POST /admin/reload`: re-read the configuration file and apply it (see `Gateway.reload`)."""

@@ -14,8 +14,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from sluice.app import Gateway
 from sluice.audit.journal import JournalError
 from sluice.config import SluiceConfig
 from sluice.logs import configure_logging
+from sluice.metrics_workers import WORKERS_ENV
 from sluice.reload import InvalidConfig, plan_reload, read_config
 from sluice.store.database import DatabaseError
 
@@ -114,6 +117,15 @@ def _child(config: SluiceConfig, path: Path | None) -> None:
 
 
 def _supervise(config: SluiceConfig, count: int, path: Path | None) -> int:
+    sockets = tempfile.mkdtemp(prefix="sluice-workers-")  # where workers find each other's metrics
+    os.environ[WORKERS_ENV] = sockets
+    try:
+        return _run_workers(config, count, path)
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _run_workers(config: SluiceConfig, count: int, path: Path | None) -> int:
     context = multiprocessing.get_context("fork")
     children: dict[int, multiprocessing.process.BaseProcess] = {}
     stopping = False

@@ -85,6 +85,13 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
         assert status == 200 and answer["model"] == "sql"
     status, models = http(f"http://127.0.0.1:{port}/v1/models", key=KEY)
     assert status == 200 and {m["id"] for m in models["data"]} == {"base", "sql"}
+    # Whichever worker answers a scrape, it counts every worker's requests, and each backend once.
+    for _ in range(6):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            page = response.read().decode()
+        assert 'sluice_requests_total{backend="a",model="sql",route="chat",status="200"} 40.0' in page, page
+        assert 'sluice_backend_up{backend="a"} 1.0' in page
+        assert page.count("# TYPE sluice_requests_total counter") == 1
     os.killpg(gateway.pid, signal.SIGTERM)
     assert gateway.wait(10) == 0
     log.close()
