@@ -99,6 +99,7 @@ class Gateway:
         self.metrics.audit = self.audit
         self.cache = self._new_cache(config)
         self.metrics.cache = self.cache
+        self.metrics.dependencies = self._dependencies
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self._limits = self._limits_check(config)
@@ -126,6 +127,15 @@ class Gateway:
         )
         embedder = make_embedder(settings.embedder) if semantic else None
         return ResponseCache(settings, make_store(settings, config.redis), embedder, self.metrics)
+
+    def _dependencies(self) -> dict[str, bool]:
+        """Which shared services answer now, as the parts that use them last saw (`sluice_dependency_up`)."""
+        up: dict[str, bool] = {}
+        if self.config.redis.url is not None:
+            up["redis"] = not self.limiter.degraded and (self.cache is None or self.cache.store_up)
+        if self.audit is not None and self.config.database.url.startswith("postgres"):
+            up["postgres"] = self.audit.database_up
+        return up
 
     def _limits_check(self, config: SluiceConfig) -> LimitsCheck:
         lease_ttl = config.timeouts.stream_read + config.timeouts.connect  # a crashed replica's slots come back

@@ -97,11 +97,18 @@ class GatewayMetrics:
             "Answers offered to the response cache, by outcome (stored, incomplete, too_large, failed).",
             ["outcome"],
         )
+        self.fallbacks = Counter(
+            "sluice_fallbacks",
+            "Requests answered by a fallback model because none of the requested model's backends could, by "
+            "requested model and the fallback that answered.",
+            ["model", "fallback"],
+        )
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
         self.rate_limiter: Any = None  # sluice.ratelimit.RateLimiter: degraded, redis_errors
         self.audit: Any = None  # sluice.audit.writer.AuditWriter: counts, queue, journal, database_up
         self.cache: Any = None  # sluice.cache.service.ResponseCache: store health
+        self.dependencies: Callable[[], dict[str, bool]] = dict  # dependency name -> reachable now
 
     def watch_backends(self, backends: Backends) -> None:
         self.registry.register(_StateCollector(self, backends))
@@ -147,7 +154,7 @@ class _StateCollector(Collector):
         yield from collect_all(
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
              m.adapter_operations, m.rate_limited, m.auth_failures, m.cache_lookups, m.cache_lookup_duration,
-             m.cache_embedding_duration, m.cache_errors, m.cache_stores]
+             m.cache_embedding_duration, m.cache_errors, m.cache_stores, m.fallbacks]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(
@@ -165,6 +172,22 @@ class _StateCollector(Collector):
             )
         if m.audit is not None:
             yield from _audit_metrics(m.audit)
+        dependencies = GaugeMetricFamily(
+            "sluice_dependency_up",
+            "1 while a service the gateway uses answers (redis: rate limits and cache; postgres: the audit log).",
+            labels=["dependency"],
+        )
+        for name, up in sorted(m.dependencies().items()):
+            dependencies.add_metric([name], 1.0 if up else 0.0)
+        yield dependencies
+        healthy = GaugeMetricFamily(
+            "sluice_model_backends_healthy",
+            "Healthy backends that can answer a model now (a registered adapter: where its base model runs).",
+            labels=["model"],
+        )
+        for model in sorted(self._backends.known):
+            healthy.add_metric([model], self._backends.healthy_count(model))
+        yield healthy
         if m.cache is not None:
             yield GaugeMetricFamily("sluice_cache_store_up", "1 while the response cache's store (Redis) answers.",
                                     1.0 if m.cache.store_up else 0.0)  # fmt: skip

@@ -172,6 +172,7 @@ class Dispatcher:
                 ctx.body["model"] = model
                 ctx.payload = orjson.dumps(ctx.body)
                 ctx.served_model = model
+                self._metrics.fallbacks.child(ctx.model, model).inc()
                 return usable
         return ()
 

@@ -158,6 +158,17 @@ class Backends:
         """Whether any backend, healthy or not, has ever listed `model`, or it is a registered adapter."""
         return model in self._known
 
+    def healthy_count(self, model: str) -> int:
+        """How many healthy backends can answer `model` now (a registered adapter: wherever its base runs)."""
+        serving = self._serving.get(model)
+        if serving is None and model in self.registry:
+            serving = self._serving.get(self.registry[model].base_model)
+        return len(serving or ())
+
+    @property
+    def known(self) -> frozenset[str]:
+        return self._known
+
     @property
     def any_healthy(self) -> bool:
         return any(b.healthy for b in self.all)

@@ -391,6 +391,7 @@ async def test_redis_down_bypasses_the_cache_and_requests_still_succeed(fake: St
             assert b"error" not in body
         metrics = gw.metrics.render().decode()
         assert "sluice_cache_store_up 0.0" in metrics
+        assert 'sluice_dependency_up{dependency="redis"} 0.0' in metrics
         assert 'sluice_cache_errors_total{part="store"}' in metrics
         await server.start()  # the same port, empty
         for _ in range(50):
@@ -401,6 +402,7 @@ async def test_redis_down_bypasses_the_cache_and_requests_still_succeed(fake: St
         await settled(gw)
         assert (await chat(gw))[1]["x-sluice-cache"] == "hit-exact"
         assert "sluice_cache_store_up 1.0" in gw.metrics.render().decode()
+        assert 'sluice_dependency_up{dependency="redis"} 1.0' in gw.metrics.render().decode()
 
 
 async def test_a_managed_key_can_be_kept_out_of_the_cache(fake: StartFake, gateway: StartGateway, prefix: str) -> None:

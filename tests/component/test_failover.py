@@ -134,12 +134,16 @@ async def test_health_checks_take_backends_out_and_back(fake: StartFake, gateway
             assert response.status == 503
         status, _, _ = await post(gw.url, CHAT)
         assert status == 503
+        page = gw.metrics.render().decode()
+        assert 'sluice_backend_up{backend="b0"} 0.0' in page
+        assert 'sluice_model_backends_healthy{model="base"} 0.0' in page
         a = await start_fake_vllm(FakeVLLMSettings(model="base", port=port))
         try:
             await asyncio.sleep(0.6)
             async with session.get(gw.url + "/ready") as response:
                 assert response.status == 200
             assert (await post(gw.url, CHAT))[0] == 200
+            assert 'sluice_model_backends_healthy{model="base"} 1.0' in gw.metrics.render().decode()
         finally:
             await a.close()
 
@@ -266,6 +270,7 @@ async def test_fallback_model_answers_when_the_adapter_has_no_healthy_backend(
     ) as response:
         assert response.headers["X-Sluice-Model"] == "qwen"
         assert b"[DONE]" in await response.read()
+    assert 'sluice_fallbacks_total{fallback="qwen",model="medical"} 2.0' in gw.metrics.render().decode()
 
 
 async def test_fallback_on_open_circuit_and_a_friendly_error_at_the_end(
