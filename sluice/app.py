@@ -46,6 +46,7 @@ from sluice.pipeline.limits import LimitsCheck
 from sluice.pipeline.parse import ParseStage
 from sluice.ratelimit import RateLimiter
 from sluice.reload import plan_reload, read_config
+from sluice.repair import Repair, repair_off
 from sluice.routes import PATHS, PREFIXES, LocalRoutes
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
@@ -100,6 +101,11 @@ class Gateway:
         self.cache = self._new_cache(config)
         self.metrics.cache = self.cache
         self.metrics.dependencies = self._dependencies
+        self.repair = (
+            Repair(config.repair, self.backends, self.metrics, config.redis.url, config.redis.key_prefix)
+            if config.repair.enabled
+            else None
+        )
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self._limits = self._limits_check(config)
@@ -166,6 +172,7 @@ class Gateway:
         local.handlers["admin_usage"] = AdminUsage(lambda: self.database).report
         cache_admin = AdminCache(self.cache)
         local.handlers.update(admin_cache=cache_admin.status, admin_cache_purge=cache_admin.purge)
+        local.handlers["admin_alerts"] = self.repair.receive if self.repair is not None else repair_off
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
@@ -206,6 +213,8 @@ class Gateway:
             retired = [current[name] for name in plan.changed + plan.removed]
             backends = (made.get(b.name) or current[b.name] for b in config.backends)
             self.backends.replace(backends, config.adapters.registry)
+            if self.repair is not None:
+                self.repair.apply()  # replaced backends start undrained
             for backend in fresh:
                 self._deadlines.add(backend.pool)
             for backend in retired:
@@ -275,6 +284,8 @@ class Gateway:
             await self.cache.start()
         if self.worker_metrics is not None:
             await self.worker_metrics.start()
+        if self.repair is not None:
+            await self.repair.start()
         self._chain = self._build_chain(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
@@ -358,6 +369,8 @@ class Gateway:
             await self.revocations.close()
         if self.worker_metrics is not None:
             await self.worker_metrics.close()
+        if self.repair is not None:
+            await self.repair.close()
         if self.cache is not None:
             await self.cache.close()
         if self.audit is not None:

@@ -326,6 +326,14 @@ class CacheConfig(Section):
         return self.models.get(model, self.default)
 
 
+class RepairConfig(Section):
+    """Automatic repair: Alertmanager's webhook at POST /admin/alerts drains backends (sluice/repair.py)."""
+
+    enabled: bool = False
+    drain_on: tuple[str, ...] = ("VLLMKVCacheSaturated", "SluiceBackendErrorRateHigh")  # alert names
+    sync_interval: PositiveSeconds = 1.0  # how often each replica reads the drains shared in Redis
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -347,6 +355,7 @@ class SluiceConfig(Section):
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     audit: AuditConfig = AuditConfig()
     cache: CacheConfig = CacheConfig()
+    repair: RepairConfig = RepairConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -103,6 +103,12 @@ class GatewayMetrics:
             "requested model and the fallback that answered.",
             ["model", "fallback"],
         )
+        self.repair_actions = Counter(
+            "sluice_repair_actions",
+            "Alertmanager notifications acted on (POST /admin/alerts), by action (drain, undrain), alert (other: "
+            "not one repair acts on) and outcome (done, already, refused_last_backend, unknown_backend, ignored).",
+            ["action", "alert", "outcome"],
+        )
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
         self.rate_limiter: Any = None  # sluice.ratelimit.RateLimiter: degraded, redis_errors
@@ -125,6 +131,8 @@ def _scraped(read: Callable[[Backend], float]) -> Callable[[Backend, float], flo
 # Per-backend gauges read from live state at scrape time: (name, help, value or None to omit).
 BACKEND_GAUGES: tuple[tuple[str, str, Callable[[Backend, float], float | None]], ...] = (
     ("sluice_backend_up", "1 if the backend passes health checks.", lambda b, _now: 1.0 if b.healthy else 0.0),
+    ("sluice_backend_drained", "1 while automatic repair keeps new requests off the backend (sluice/repair.py).",
+     lambda b, _now: 1.0 if b.drained_by else 0.0),
     ("sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.",
      lambda b, _now: b.in_flight),
     ("sluice_backend_models", "Models (base and LoRA) the backend lists.", lambda b, _now: len(b.models)),
@@ -154,7 +162,7 @@ class _StateCollector(Collector):
         yield from collect_all(
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
              m.adapter_operations, m.rate_limited, m.auth_failures, m.cache_lookups, m.cache_lookup_duration,
-             m.cache_embedding_duration, m.cache_errors, m.cache_stores, m.fallbacks]
+             m.cache_embedding_duration, m.cache_errors, m.cache_stores, m.fallbacks, m.repair_actions]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(

@@ -18,7 +18,7 @@ from sluice.config import SluiceConfig
 from sluice.config_loader import ConfigError, load_config
 from sluice.errors import InvalidRequest
 
-RESTART_ONLY = ("server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis", "cache")
+RESTART_ONLY = ("server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis", "cache", "repair")
 
 
 class InvalidConfig(InvalidRequest):

@@ -29,6 +29,7 @@ LOCAL = (
     Route("admin_usage", ("GET",), public=False, proxied=False, admin=True),  # sluice/admin_usage.py
     Route("admin_cache", ("GET",), public=False, proxied=False, admin=True),  # sluice/admin_cache.py
     Route("admin_cache_purge", ("POST",), public=False, proxied=False, admin=True),
+    Route("admin_alerts", ("POST",), public=False, proxied=False, admin=True),  # sluice/repair.py
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -44,6 +45,7 @@ PATHS = {
     "/admin/usage": LOCAL[8],
     "/admin/cache": LOCAL[9],
     "/admin/cache/purge": LOCAL[10],
+    "/admin/alerts": LOCAL[11],
 }
 PREFIXES = {"/admin/keys/": LOCAL[7]}  # /admin/keys/<id or name>[/revoke|/rotate]
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"

@@ -22,6 +22,7 @@ class Backend:
         "auth_header",
         "breaker",
         "config",
+        "drained_by",
         "failures",
         "healthy",
         "host_header",
@@ -53,6 +54,7 @@ class Backend:
         self.model_breakers: dict[str, CircuitBreaker] = {}  # count error answers, per model (one adapter)
         self.new_model_breaker: Callable[[str], CircuitBreaker] | None = None
         self.healthy = False
+        self.drained_by: frozenset[str] = frozenset()  # alerts that drained it (sluice/repair.py): no new requests
         self.in_flight = 0
         self.failures = 0
         self.last_error = ""
@@ -107,6 +109,7 @@ class Backend:
             "name": self.name,
             "url": self.config.url,
             "healthy": self.healthy,
+            "drained_by": sorted(self.drained_by),
             "models": sorted(self.models),
             "in_flight": self.in_flight,
             "circuit": self.breaker.state.name.lower() if self.breaker else "disabled",
@@ -144,7 +147,7 @@ class Backends:
     def rebuild(self) -> None:
         serving: dict[str, list[Backend]] = {}
         for backend in self.all:
-            if backend.healthy:
+            if backend.healthy and not backend.drained_by:
                 for model in backend.models:
                     serving.setdefault(model, []).append(backend)
         self._serving = {model: tuple(bs) for model, bs in serving.items()}
