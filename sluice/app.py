@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from sluice.admin import AdminKeys
 from sluice.admin_cache import AdminCache
@@ -101,6 +102,11 @@ class Gateway:
         self.cache = self._new_cache(config)
         self.metrics.cache = self.cache
         self.metrics.dependencies = self._dependencies
+        self.tracing: Any = None
+        if config.tracing.otlp_endpoint is not None:
+            from sluice.tracing import Tracing  # OpenTelemetry is loaded only when tracing is on
+
+            self.tracing = Tracing(config.tracing)
         self.repair = (
             Repair(config.repair, self.backends, self.metrics, config.redis.url, config.redis.key_prefix)
             if config.repair.enabled
@@ -181,8 +187,14 @@ class Gateway:
 
         audit = (self.audit, RecordBuilder(self.backends, config.audit.body_max_bytes)) if self.audit else None
         gate = [AuditGate(self.audit, config.routing.retry_after)] if self.audit is not None else []
+        tracing: list[Any] = []
+        if self.tracing is not None:
+            from sluice.tracing import TracingStage
+
+            tracing.append(TracingStage(self.tracing))
         return build_chain(
             [
+                *tracing,
                 ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish, audit),
                 IngressStage(PATHS, PREFIXES),
                 *gate,
@@ -371,6 +383,8 @@ class Gateway:
             await self.worker_metrics.close()
         if self.repair is not None:
             await self.repair.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # flushes the spans still queued
         if self.cache is not None:
             await self.cache.close()
         if self.audit is not None:

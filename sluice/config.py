@@ -334,6 +334,15 @@ class RepairConfig(Section):
     sync_interval: PositiveSeconds = 1.0  # how often each replica reads the drains shared in Redis
 
 
+class TracingConfig(Section):
+    """OpenTelemetry traces over OTLP/HTTP (sluice/tracing.py); off while `otlp_endpoint` is unset."""
+
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces
+    service_name: str = "sluice"
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # share of new traces kept (a caller's sampled flag wins)
+    export_timeout: PositiveSeconds = 5.0
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -356,6 +365,7 @@ class SluiceConfig(Section):
     audit: AuditConfig = AuditConfig()
     cache: CacheConfig = CacheConfig()
     repair: RepairConfig = RepairConfig()
+    tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -74,10 +74,12 @@ class RequestContext:
         "request",
         "route",
         "served_model",
+        "span",
         "started",
         "stream",
         "stream_cut",
         "tpot",
+        "traceparent",
         "ttft",
         "usage",
         "writer",
@@ -107,6 +109,8 @@ class RequestContext:
         self.usage: dict[str, Any] | None = None
         self.ttft: float | None = None
         self.tpot: float | None = None
+        self.span: Any = None  # the request's OpenTelemetry span, when tracing is on (sluice/tracing.py)
+        self.traceparent = b""  # the span's W3C traceparent, sent to the backend instead of the caller's
 
     @property
     def request_id(self) -> str:

@@ -18,7 +18,9 @@ from sluice.config import SluiceConfig
 from sluice.config_loader import ConfigError, load_config
 from sluice.errors import InvalidRequest
 
-RESTART_ONLY = ("server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis", "cache", "repair")
+RESTART_ONLY = (
+    "server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis", "cache", "repair", "tracing",
+)  # fmt: skip
 
 
 class InvalidConfig(InvalidRequest):

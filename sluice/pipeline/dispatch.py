@@ -130,6 +130,8 @@ class Dispatcher:
                 "backend attempt failed",
                 extra={"request_id": ctx.request_id, "backend": backend.name, "error": failure.message},
             )
+            if ctx.span is not None:
+                ctx.span.add_event("backend attempt failed", {"backend": backend.name, "error": failure.message})
             if isinstance(failure, AdapterGone):
                 tried.remove(backend)  # it may serve the retry once the adapter is loaded again
             candidates = await self._retry_candidates(model, candidates, tried)
@@ -209,9 +211,12 @@ class Dispatcher:
             % len(ctx.payload),
             b"x-request-id: ", ctx.writer.request_id, b"\r\n",
         ]
+        traceparent = ctx.traceparent
         for name, value in ctx.request.headers:
-            if name not in NOT_FORWARDED:
+            if name not in NOT_FORWARDED and not (traceparent and name == b"traceparent"):
                 parts += (name, b": ", value, b"\r\n")
+        if traceparent:
+            parts += (b"traceparent: ", traceparent, b"\r\n")
         return b"".join(parts)
 
     async def _exchange(self, ctx: RequestContext, backend: Backend, head: bytes) -> GatewayError | None:
