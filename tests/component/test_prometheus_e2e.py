@@ -64,41 +64,25 @@ def scrape_config(directory: Path, gateway_url: str, engines: dict[str, FakeVLLM
     return path
 
 
-@pytest.fixture
-async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[Path], Awaitable[str]]]:
-    """Start a real Prometheus on a free port with a configuration file; returns its URL once ready."""
-    processes: list[subprocess.Popen[bytes]] = []
+async def launch(argv: list[str], url: str, log: Path, processes: list[subprocess.Popen[bytes]]) -> str:
+    """Start a Prometheus-style server and return `url` once its /-/ready answers 200 (15 s at most)."""
+    process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    processes.append(process)
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                async with session.get(url + "/-/ready") as response:
+                    if response.status == 200:
+                        return url
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    pytest.fail(f"{argv[0]} did not become ready: " + log.read_text())
 
-    async def start(config: Path) -> str:
-        port = free_port()
-        log = (tmp_path / "prometheus.log").open("wb")
-        process = subprocess.Popen(
-            [
-                tool("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
-                try:
-                    async with session.get(url + "/-/ready") as response:
-                        if response.status == 200:
-                            return url
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-        pytest.fail("Prometheus did not become ready: " + (tmp_path / "prometheus.log").read_text())
 
-    yield start
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
     for process in processes:
         process.terminate()
         try:
@@ -106,6 +90,26 @@ async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[Path], Awaitable
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[Path], Awaitable[str]]]:
+    """Start a real Prometheus on a free port with a configuration file; returns its URL once ready."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    async def start(config: Path) -> str:
+        port = free_port()
+        argv = [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        return await launch(argv, f"http://127.0.0.1:{port}", tmp_path / "prometheus.log", processes)
+
+    yield start
+    stop_all(processes)
 
 
 async def api(session: aiohttp.ClientSession, url: str, path: str, **params: str) -> Any:

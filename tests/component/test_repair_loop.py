@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import re
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +19,13 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.component.test_prometheus_e2e import eventually, prometheus, scrape_config  # noqa: F401 (fixture)
+from tests.component.test_prometheus_e2e import (  # noqa: F401 (prometheus is a fixture)
+    eventually,
+    launch,
+    prometheus,
+    scrape_config,
+    stop_all,
+)
 from tests.component.test_prometheus_rules import ALERTMANAGER_CONFIG, tool
 from tests.conftest import API_KEY, StartFake, StartGateway, free_port
 
@@ -57,37 +62,17 @@ def alertmanager_config(directory: Path, gateway_url: str) -> Path:
 
 @pytest.fixture
 async def alertmanager(tmp_path: Path) -> AsyncIterator[Callable[[Path], Awaitable[str]]]:
+    """Start a real Alertmanager (no clustering) on a free port; returns its URL once ready."""
     processes: list[subprocess.Popen[bytes]] = []
 
     async def start(config: Path) -> str:
         port = free_port()
-        log = (tmp_path / "alertmanager.log").open("wb")
-        process = subprocess.Popen(
-            [tool("prometheus-alertmanager"), f"--config.file={config}", f"--storage.path={tmp_path / 'am'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                assert process.poll() is None, (tmp_path / "alertmanager.log").read_text()
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(url + "/-/ready") as response:
-                        if response.status == 200:
-                            return url
-                await asyncio.sleep(0.1)
-        pytest.fail("Alertmanager did not become ready: " + (tmp_path / "alertmanager.log").read_text())
+        argv = [tool("prometheus-alertmanager"), f"--config.file={config}", f"--storage.path={tmp_path / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"]  # fmt: skip
+        return await launch(argv, f"http://127.0.0.1:{port}", tmp_path / "alertmanager.log", processes)
 
     yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_all(processes)
 
 
 async def test_a_failing_backend_is_drained_by_its_alert_and_undrained_when_it_resolves(
