@@ -326,6 +326,64 @@ class CacheConfig(Section):
         return self.models.get(model, self.default)
 
 
+class ChromaConfig(Section):
+    """Where RAG collections live: an embedded ChromaDB in a folder, or a Chroma server."""
+
+    mode: Literal["embedded", "http"] = "embedded"
+    path: str = "data/sluice/chroma"  # embedded: the PersistentClient's folder
+    url: str | None = None  # http: the server, e.g. http://chroma:8000
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> ChromaConfig:
+        if self.mode == "http" and not self.url:
+            raise ValueError("url is required when mode is http")
+        return self
+
+
+DEFAULT_RAG_TEMPLATE = (
+    "Answer the question using the context below. If the context does not contain the answer, say so.\n\n"
+    "{context}"
+)
+
+
+class RagRouteConfig(Section):
+    """A model name that answers with retrieved context: `model` = `base_model` + `collection`."""
+
+    model: str = Field(min_length=1)  # the name clients use, e.g. docs-assistant
+    base_model: str = Field(min_length=1)  # the model (or adapter) that answers
+    collection: str = Field(min_length=3, max_length=63)
+    top_k: int = Field(4, ge=1, le=50)
+    min_score: float = Field(0.3, ge=-1, le=1)  # chunks less similar than this are left out
+    template: str = DEFAULT_RAG_TEMPLATE  # the instructions; `{context}` is replaced by the chunks
+
+    @field_validator("template")
+    @classmethod
+    def _has_context(cls, template: str) -> str:
+        if "{context}" not in template:
+            raise ValueError("must contain {context}, where the retrieved chunks go")
+        return template
+
+
+class RagConfig(Section):
+    """Retrieval-augmented generation (sluice/rag/, docs/rag.md)."""
+
+    chroma: ChromaConfig = ChromaConfig()
+    embedder: EmbedderConfig = EmbedderConfig()  # must be the one the collections were ingested with
+    chunk_tokens: int = Field(256, ge=16, le=8192)  # chunk size for `sluice ingest`, in embedder tokens
+    overlap_tokens: int = Field(32, ge=0)  # tokens repeated at the start of the next chunk
+    timeout: PositiveSeconds = 2.0  # retrieval (embedding + query) slower than this: answer without context
+    routes: tuple[RagRouteConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _sane(self) -> RagConfig:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        names = [route.model for route in self.routes]
+        if len(set(names)) != len(names):
+            raise ValueError("routes[].model must be unique")
+        return self
+
+
 class RepairConfig(Section):
     """Automatic repair: Alertmanager's webhook at POST /admin/alerts drains backends (sluice/repair.py)."""
 
@@ -365,6 +423,7 @@ class SluiceConfig(Section):
     audit: AuditConfig = AuditConfig()
     cache: CacheConfig = CacheConfig()
     repair: RepairConfig = RepairConfig()
+    rag: RagConfig = RagConfig()
     tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: ingest documents into ChromaDB, retrieve and ground answers (docs/rag.md)."""
