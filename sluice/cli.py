@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from sluice.audit.usage_cli import main as usage_main
 
         return usage_main(argv[1:])
+    if argv[:1] == ["ingest"]:
+        from sluice.rag.ingest_cli import main as ingest_main
+
+        return ingest_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sluice", description="A production gateway for vLLM.")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
