@@ -276,6 +276,9 @@ class AuditConfig(Section):
 LOCAL_EMBEDDING_MODELS = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 
 
+LOCAL_EMBEDDER_TOKENS = 254  # all-MiniLM-L6-v2: 256 word pieces with its start and end markers
+
+
 class EmbedderConfig(Section):
     """What turns text into vectors for the semantic cache (sluice/cache/embedders.py)."""
 
@@ -369,7 +372,7 @@ class RagConfig(Section):
 
     chroma: ChromaConfig = ChromaConfig()
     embedder: EmbedderConfig = EmbedderConfig()  # must be the one the collections were ingested with
-    chunk_tokens: int = Field(256, ge=16, le=8192)  # chunk size for `sluice ingest`, in embedder tokens
+    chunk_tokens: int = Field(250, ge=16, le=8192)  # chunk size for `sluice ingest`, in embedder tokens
     overlap_tokens: int = Field(32, ge=0)  # tokens repeated at the start of the next chunk
     timeout: PositiveSeconds = 2.0  # retrieval (embedding + query) slower than this: answer without context
     routes: tuple[RagRouteConfig, ...] = ()
@@ -378,6 +381,11 @@ class RagConfig(Section):
     def _sane(self) -> RagConfig:
         if self.overlap_tokens >= self.chunk_tokens:
             raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        if self.embedder.kind == "local" and self.chunk_tokens > LOCAL_EMBEDDER_TOKENS:
+            raise ValueError(
+                f"chunk_tokens: all-MiniLM-L6-v2 reads at most {LOCAL_EMBEDDER_TOKENS} tokens of a chunk; "
+                "larger chunks would be embedded by their beginning only"
+            )
         names = [route.model for route in self.routes]
         if len(set(names)) != len(names):
             raise ValueError("routes[].model must be unique")
