@@ -24,7 +24,7 @@ demo: $(STAMP)
 	@$(BIN)/sluice demo --port $(PORT) $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check sluice tests bench
+	$(BIN)/ruff check sluice tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -45,6 +45,8 @@ from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
 from sluice.pipeline.limits import LimitsCheck
 from sluice.pipeline.parse import ParseStage
+from sluice.pipeline.rag import RagStage
+from sluice.rag.retrieval import Retriever
 from sluice.ratelimit import RateLimiter
 from sluice.reload import plan_reload, read_config
 from sluice.repair import Repair, repair_off
@@ -114,6 +116,7 @@ class Gateway:
         )
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
+        self.retriever = self._new_retriever(config)
         self._limits = self._limits_check(config)
         self._chain = self._build_chain(config)
         self._settings = ServerSettings(
@@ -140,6 +143,16 @@ class Gateway:
         embedder = make_embedder(settings.embedder) if semantic else None
         return ResponseCache(settings, make_store(settings, config.redis), embedder, self.metrics)
 
+    @staticmethod
+    def _new_retriever(config: SluiceConfig) -> Retriever | None:
+        """RAG routes' retrieval (docs/rag.md), when any are configured at start-up."""
+        rag = config.rag
+        if not rag.routes:
+            return None
+        from sluice.rag.chroma import make_chunk_store  # chromadb is an optional dependency (sluice[rag])
+
+        return Retriever(make_chunk_store(rag.chroma, rag.timeout), make_embedder(rag.embedder), rag.timeout)
+
     def _dependencies(self) -> dict[str, bool]:
         """Which shared services answer now, as the parts that use them last saw (`sluice_dependency_up`)."""
         up: dict[str, bool] = {}
@@ -147,6 +160,8 @@ class Gateway:
             up["redis"] = not self.limiter.degraded and (self.cache is None or self.cache.store_up)
         if self.audit is not None and self.config.database.url.startswith("postgres"):
             up["postgres"] = self.audit.database_up
+        if self.retriever is not None:
+            up["chroma"] = self.retriever.chroma_up
         return up
 
     def _limits_check(self, config: SluiceConfig) -> LimitsCheck:
@@ -172,6 +187,7 @@ class Gateway:
             lambda: self.draining,
             self.reload_from_file,
             self.worker_metrics.render if self.worker_metrics is not None else None,
+            {route.model: route.base_model for route in config.rag.routes} if self.retriever is not None else None,
         )
         admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
@@ -185,6 +201,13 @@ class Gateway:
             assert route is not None
             return dispatcher(ctx) if route.proxied else local.handlers[route.name](ctx)
 
+        rag: RagStage | None = None
+        if self.retriever is not None:
+            if config.rag.routes:
+                rag = RagStage(config.rag.routes, self.retriever, self.metrics)
+            else:
+                self.retriever.watch(())
+        corpus = rag.corpus_version if rag is not None else lambda _model: ""
         audit = (self.audit, RecordBuilder(self.backends, config.audit.body_max_bytes)) if self.audit else None
         gate = [AuditGate(self.audit, config.routing.retry_after)] if self.audit is not None else []
         tracing: list[Any] = []
@@ -201,7 +224,8 @@ class Gateway:
                 AuthStage(config.auth, self.metrics, self.managed, self.jwt),
                 ParseStage(),
                 self._limits,
-                *([CacheStage(self.cache, self.metrics)] if self.cache is not None else []),
+                *([CacheStage(self.cache, self.metrics, corpus)] if self.cache is not None else []),
+                *([rag] if rag is not None else []),
             ],
             terminal,
         )
@@ -298,6 +322,8 @@ class Gateway:
             await self.worker_metrics.start()
         if self.repair is not None:
             await self.repair.start()
+        if self.retriever is not None:
+            await self.retriever.start()
         self._chain = self._build_chain(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
@@ -387,6 +413,8 @@ class Gateway:
             await asyncio.to_thread(self.tracing.close)  # flushes the spans still queued
         if self.cache is not None:
             await self.cache.close()
+        if self.retriever is not None:
+            await self.retriever.close()
         if self.audit is not None:
             await self.audit.close()
         if self.database is not None:

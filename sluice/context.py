@@ -58,6 +58,7 @@ class Route:
 
 class RequestContext:
     __slots__ = (
+        "answer_extra",
         "attempts",
         "backend",
         "body",
@@ -111,6 +112,8 @@ class RequestContext:
         self.tpot: float | None = None
         self.span: Any = None  # the request's OpenTelemetry span, when tracing is on (sluice/tracing.py)
         self.traceparent = b""  # the span's W3C traceparent, sent to the backend instead of the caller's
+        # JSON members (`"name":value`) the dispatcher adds to a whole 200 answer (RAG's `sources`)
+        self.answer_extra: bytes | None = None
 
     @property
     def request_id(self) -> str:

@@ -21,6 +21,7 @@ from sluice.upstream.backends import Backend, Backends
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1)
+RAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 CACHE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -109,6 +110,17 @@ class GatewayMetrics:
             "not one repair acts on) and outcome (done, already, refused_last_backend, unknown_backend, ignored).",
             ["action", "alert", "outcome"],
         )
+        self.rag_retrievals = Counter(
+            "sluice_rag_retrievals",
+            "Retrievals for RAG routes, by route (the model name clients use) and outcome (grounded: context "
+            "injected; no_match: nothing passed min_score; unavailable: the store or embedder failed or timed out).",
+            ["route", "outcome"],
+        )
+        self.rag_retrieval_duration = Histogram(
+            "sluice_rag_retrieval_duration_seconds",
+            "Time to retrieve the context of a RAG request (embedding and query), by route.",
+            ["route"], RAG_BUCKETS,
+        )
         self.in_flight = 0  # requests being handled now; exported at scrape time
         self.queue_depth: Callable[[], int] = lambda: 0  # requests waiting for backend capacity
         self.rate_limiter: Any = None  # sluice.ratelimit.RateLimiter: degraded, redis_errors
@@ -162,7 +174,8 @@ class _StateCollector(Collector):
         yield from collect_all(
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
              m.adapter_operations, m.rate_limited, m.auth_failures, m.cache_lookups, m.cache_lookup_duration,
-             m.cache_embedding_duration, m.cache_errors, m.cache_stores, m.fallbacks, m.repair_actions]
+             m.cache_embedding_duration, m.cache_errors, m.cache_stores, m.fallbacks, m.repair_actions,
+             m.rag_retrievals, m.rag_retrieval_duration]
         )
         yield GaugeMetricFamily("sluice_requests_in_flight", "Requests being handled now.", m.in_flight)
         yield GaugeMetricFamily(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 
@@ -64,8 +65,11 @@ class LocalRoutes:
         draining: Callable[[], bool],
         reload: Reload,
         render_metrics: Callable[[], Awaitable[bytes]] | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
-        """`render_metrics`: the page for `/metrics` when it must cover several workers (metrics_workers.py)."""
+        """`render_metrics`: the page for `/metrics` when it must cover several workers (metrics_workers.py);
+        `aliases`: model names answered by another model (RAG routes: name -> base model)."""
+        self._aliases = dict(aliases or {})
         self._render_metrics = render_metrics
         self._draining = draining
         self._reload = reload
@@ -83,6 +87,8 @@ class LocalRoutes:
 
     async def models(self, ctx: RequestContext) -> None:
         cards = self._backends.healthy_models()
+        if self._aliases:
+            cards += _alias_cards(cards, self._aliases)
         allowed = ctx.principal.models if ctx.principal is not None else None
         if allowed is not None:
             cards = [card for card in cards if card["id"] in allowed]
@@ -109,3 +115,13 @@ class LocalRoutes:
     async def reload(self, ctx: RequestContext) -> None:
         """`POST /admin/reload`: re-read the configuration file and apply it (see `Gateway.reload`)."""
         ctx.writer.send(200, orjson.dumps(await self._reload()))
+
+
+def _alias_cards(cards: list[dict[str, Any]], aliases: Mapping[str, str]) -> list[dict[str, Any]]:
+    """A card for each alias whose base model is served now: the base's card renamed, `parent` the base."""
+    served = {card["id"]: card for card in cards}
+    return [
+        {**served[base], "id": alias, "owned_by": "sluice", "parent": base}
+        for alias, base in aliases.items()
+        if base in served and alias not in served
+    ]

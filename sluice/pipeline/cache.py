@@ -14,6 +14,7 @@ cut streams, not answers from a fallback model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -35,10 +36,14 @@ HEADERS = {
 
 
 class CacheStage:
-    __slots__ = ("_cache", "_config", "_metrics")
+    __slots__ = ("_cache", "_config", "_corpus", "_metrics")
 
-    def __init__(self, cache: ResponseCache, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, cache: ResponseCache, metrics: GatewayMetrics, corpus: Callable[[str], str] = lambda _model: ""
+    ) -> None:
+        """`corpus(model)`: the RAG corpus version a model's answers depend on ("" for none), in the scope."""
         self._cache = cache
+        self._corpus = corpus
         self._config = cache.config
         self._metrics = metrics
 
@@ -54,7 +59,7 @@ class CacheStage:
             self._mark(ctx, route.name, "bypass")
             await call_next(ctx)
             return
-        key = cache_key(route.name, body, _tenant(ctx.principal))
+        key = cache_key(route.name, body, _tenant(ctx.principal), self._corpus(ctx.model))
         semantic = settings.semantic and self._config.semantic.enabled
         no_cache = "no-cache" in directives
         found = Lookup("bypass") if no_cache else await self._cache.lookup(key, semantic)

@@ -276,6 +276,8 @@ class Dispatcher:
         body = exchange.body[0] if len(exchange.body) == 1 else b"".join(exchange.body)
         if exchange.status == 200:
             ctx.usage = _usage(body)
+            if ctx.answer_extra is not None:
+                body = _splice(body, ctx.answer_extra)
         elif exchange.status == 404:
             self._monitor.request_rediscovery()  # the backend no longer serves it: refresh the index
         if ctx.capture is not None:
@@ -337,6 +339,16 @@ def _message(parts: Iterable[bytes]) -> str:
         return str(message or error)[:500]
     except orjson.JSONDecodeError:
         return body.decode("utf-8", "replace")[:500] or "(empty body)"
+
+
+def _splice(body: bytes, members: bytes) -> bytes:
+    """`body` (a JSON object) with `members` (`"name":value,...`) added before its closing brace; a body
+    that is not an object is returned as it is."""
+    end = body.rstrip()
+    if not end.startswith(b"{") or not end.endswith(b"}"):
+        return body
+    head = end[:-1].rstrip()
+    return b"".join((head, b"" if head == b"{" else b",", members, b"}"))
 
 
 def _usage(body: bytes) -> dict[str, int] | None:
