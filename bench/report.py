@@ -12,7 +12,7 @@ from bench.targets import STACKS
 DOC_INTRO = """# Benchmarks
 
 Run the suite with `make bench` (or `python -m bench.run`; `--quick` for a smoke run, `--only
-core|limits|audit|streams|stacks|strategies|cache` for one part, `--no-write` to leave this file alone). It needs
+core|limits|audit|streams|stacks|strategies|cache|rag` for one part, `--no-write` to leave this file alone). It needs
 `wrk` and `nginx` (`apt-get install -y wrk nginx-light`) and the bench extras (`pip install -r
 bench/requirements.txt`).
 
@@ -33,6 +33,7 @@ SECTIONS = {
     "affinity": "## Prefix-cache affinity on real vLLM: round_robin vs affinity",
     "strategies": "## Routing strategies on fake vLLM: TTFT with shared system prompts",
     "cache": "## Response cache lookups (make bench, part cache)",
+    "rag": "## RAG: ingestion and retrieval (make bench, part rag)",
 }
 LABELS = {
     "direct": "direct (no proxy)",

@@ -4,8 +4,8 @@ Runs, side by side, direct-to-upstream vs the Sluice gateway vs nginx as a plain
 (non-streaming with wrk at concurrency 1/10/100, then 100 concurrent streams), the cost of per-key rate
 limits (in Redis and in process) over the bare gateway, the HTTP stack study, the routing strategies
 on fake vLLM backends (``bench/strategies.py``), and the response cache's lookup and embedding latency
-(``bench/cache.py``). Progress goes to stderr, Markdown tables to stdout, and the tables into
-``docs/benchmarks.md``.
+(``bench/cache.py``); and RAG ingestion, retrieval latency and hit rate (``bench/rag.py``).
+Progress goes to stderr, Markdown tables to stdout, and the tables into ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import audit, cache, report, scenarios, strategies
+from bench import audit, cache, rag, report, scenarios, strategies
 from bench.env import BenchError, CpuPlan, Machine, cpu_plan, find_tools, machine, require_modules
 from bench.procs import REPO_ROOT
 from bench.progress import Progress
@@ -28,9 +28,9 @@ from bench.scenarios import LoadReport, StreamReport
 from bench.strategies import StrategiesReport
 from bench.targets import STACKS, Lab
 
-PARTS = ("core", "limits", "audit", "streams", "stacks", "strategies", "cache")
+PARTS = ("core", "limits", "audit", "streams", "stacks", "strategies", "cache", "rag")
 QUICK_STRATEGY_REQUESTS = 120
-Result = LoadReport | StreamReport | StrategiesReport | cache.CacheReport
+Result = LoadReport | StreamReport | StrategiesReport | cache.CacheReport | rag.RagReport
 DEFAULT_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -46,6 +46,7 @@ class Options:
     stream_rounds: int
     strategy_requests: int
     cache_samples: int
+    quick: bool
     write: bool
     doc: Path
     logs: Path | None
@@ -91,6 +92,7 @@ def parse_args(argv: list[str] | None) -> Options:
         stream_rounds=1 if quick else args.stream_rounds,
         strategy_requests=QUICK_STRATEGY_REQUESTS if quick else args.strategy_requests,
         cache_samples=cache.QUICK_SAMPLES if quick else cache.SAMPLES,
+        quick=quick,
         write=not args.no_write,
         doc=args.doc,
         logs=args.logs.resolve() if args.logs else None,
@@ -123,6 +125,9 @@ def plan(options: Options) -> Progress:
         steps, seconds = steps + s, seconds + t
     if "cache" in options.parts:
         s, t = cache.plan(options.duration_s, options.rounds)
+        steps, seconds = steps + s, seconds + t
+    if "rag" in options.parts:
+        s, t = rag.plan(options.quick)
         steps, seconds = steps + s, seconds + t
     return Progress(total_steps=steps, planned_s=seconds)
 
@@ -178,6 +183,8 @@ def run(options: Options) -> int:
                         duration_s=options.duration_s,
                         rounds=options.rounds,
                     )
+                elif part == "rag":
+                    results[part] = rag.run(lab, progress, quick=options.quick)
                 elif part == "strategies":
                     results[part] = strategies.run_all(
                         _strategy_setup(options),
@@ -213,6 +220,8 @@ def render(results: dict[str, Result], host: Machine, cpus: CpuPlan) -> dict[str
             blocks[part] = strategies.markdown(result, host, cpus)
         elif isinstance(result, StreamReport):
             blocks[part] = report.streams_markdown(result, host, cpus)
+        elif isinstance(result, rag.RagReport):
+            blocks[part] = rag.markdown(result, report.preamble(host, cpus, "uvloop; ChromaDB " + rag.chroma_version()))
         elif part == "core":
             blocks[part] = report.core_markdown(result, host, cpus)
         elif part == "limits":
