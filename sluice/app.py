@@ -40,6 +40,7 @@ from sluice.pipeline.audit_gate import AuditGate
 from sluice.pipeline.auth import AuthStage
 from sluice.pipeline.cache import CacheStage
 from sluice.pipeline.chain import build_chain
+from sluice.pipeline.client_address import ClientAddress
 from sluice.pipeline.dispatch import Dispatcher
 from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
@@ -219,6 +220,7 @@ class Gateway:
             [
                 *tracing,
                 ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish, audit),
+                ClientAddress(config.rate_limits.trusted_proxies),  # before anything can answer
                 IngressStage(PATHS, PREFIXES),
                 *gate,
                 AuthStage(config.auth, self.metrics, self.managed, self.jwt),

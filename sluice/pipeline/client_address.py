@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
+from sluice.context import RequestContext
 from sluice.http.request import HttpRequest
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -30,6 +31,10 @@ class ClientAddress:
             return any(ip in network for network in networks)
 
         self._trusted = trusted
+
+    def check(self, ctx: RequestContext) -> None:
+        """A pipeline step before any other can answer: every log line and audit record names the real client."""
+        ctx.client_ip = self.resolve(ctx.request)
 
     def resolve(self, request: HttpRequest) -> str:
         peer = request.client_ip

@@ -24,7 +24,6 @@ from sluice.config import RateConfig, RateLimitsConfig
 from sluice.context import RequestContext
 from sluice.errors import GatewayError
 from sluice.metrics import GatewayMetrics
-from sluice.pipeline.client_address import ClientAddress
 from sluice.ratelimit import Lease, LimiterUnavailable, Quota, QuotaState, RateLimiter, Verdict
 
 BYTES_PER_TOKEN = 4  # a conservative prompt estimate from the body size; settled with the real count
@@ -57,7 +56,6 @@ class LimitsCheck:
         self, limiter: RateLimiter, settings: RateLimitsConfig, lease_ttl: float, metrics: GatewayMetrics
     ) -> None:
         self._limiter = limiter
-        self._address = ClientAddress(settings.trusted_proxies)
         self._plain: RateConfig | None = settings.per_ip.requests
         self._stream: RateConfig | None = settings.per_ip.stream_requests
         self._defaults = settings.per_key
@@ -72,7 +70,7 @@ class LimitsCheck:
         if route is None or not route.proxied:
             return None
         quotas: list[Quota] = []
-        address = ctx.client_ip = self._address.resolve(ctx.request)  # also what the access log shows
+        address = ctx.client_ip  # resolved behind a trusted proxy by pipeline/client_address.py
         per_ip = self._stream if ctx.stream else self._plain
         if per_ip is not None:
             kind = "stream" if ctx.stream else "req"
