@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
 	@echo "installing sluice and its test tools into $(VENV) …"
 	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@$(BIN)/python -m pip install --quiet -e '.[test,embeddings,tracing,rag]'
+	@$(BIN)/python -m pip install --quiet -e '.[test,embeddings,tracing,rag,kubernetes]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

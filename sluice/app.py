@@ -118,6 +118,14 @@ class Gateway:
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self.retriever = self._new_retriever(config)
+        self._discovered: dict[str, tuple[BackendConfig, ...]] = {}  # per Kubernetes Service (`discovery`)
+        self._swap_pending = False
+        self._swaps: set[asyncio.Task[None]] = set()
+        self.discovery: Any = None
+        if config.discovery.kubernetes is not None:
+            from sluice.upstream.kubernetes_discovery import KubernetesDiscovery  # extra sluice[kubernetes]
+
+            self.discovery = KubernetesDiscovery(config.discovery.kubernetes, self._discovered_backends)
         self._limits = self._limits_check(config)
         self._chain = self._build_chain(config)
         self._settings = ServerSettings(
@@ -163,6 +171,8 @@ class Gateway:
             up["postgres"] = self.audit.database_up
         if self.retriever is not None:
             up["chroma"] = self.retriever.chroma_up
+        if self.discovery is not None:
+            up["kubernetes"] = self.discovery.api_up
         return up
 
     def _limits_check(self, config: SluiceConfig) -> LimitsCheck:
@@ -244,20 +254,7 @@ class Gateway:
             config = plan.config
             if config.auth.jwt != previous.auth.jwt:
                 await self._replace_jwt(config)
-            current = self.backends.by_name
-            fresh = [self._new_backend(b) for b in config.backends if b.name in plan.added + plan.changed]
-            await asyncio.gather(*(self.monitor.check(b, discover=True) for b in fresh))
-            made = {b.name: b for b in fresh}
-            retired = [current[name] for name in plan.changed + plan.removed]
-            backends = (made.get(b.name) or current[b.name] for b in config.backends)
-            self.backends.replace(backends, config.adapters.registry)
-            if self.repair is not None:
-                self.repair.apply()  # replaced backends start undrained
-            for backend in fresh:
-                self._deadlines.add(backend.pool)
-            for backend in retired:
-                self._deadlines.discard(backend.pool)
-                backend.pool.close()  # idle connections now; busy ones when their exchange ends
+            await self._swap_backends()
             retry_after = (("retry-after", str(config.routing.retry_after)),)
             self.admission.retry_after = self.placer.retry_after = retry_after
             self.placer.load_timeout = config.adapters.load_timeout
@@ -268,6 +265,58 @@ class Gateway:
             if plan.restart_required:
                 log.warning("reload: restart needed to apply", extra={"sections": list(plan.restart_required)})
             return summary
+
+    async def _swap_backends(self) -> None:
+        """Make the live backends what the configuration and discovery list (callers hold `_reloading`).
+
+        An unchanged backend keeps its connections, health, load and circuits; a new or changed one is
+        health-checked before it takes traffic; a removed or replaced one finishes what it has in flight.
+        """
+        wanted = self._wanted_backends()
+        current = self.backends.by_name
+        fresh = [self._new_backend(b) for b in wanted if b.name not in current or current[b.name].config != b]
+        await asyncio.gather(*(self.monitor.check(b, discover=True) for b in fresh))
+        made = {b.name: b for b in fresh}
+        names = {b.name for b in wanted}
+        retired = [b for b in current.values() if b.name not in names or b.name in made]
+        self.backends.replace((made.get(b.name) or current[b.name] for b in wanted), self.config.adapters.registry)
+        if self.repair is not None:
+            self.repair.apply()  # replaced backends start undrained
+        for backend in fresh:
+            self._deadlines.add(backend.pool)
+        for backend in retired:
+            self._deadlines.discard(backend.pool)
+            backend.pool.close()  # idle connections now; busy ones when their exchange ends
+
+    def _wanted_backends(self) -> list[BackendConfig]:
+        """Configured backends, then discovered ones; a configured name wins over a discovered pod's."""
+        wanted = list(self.config.backends)
+        taken = {b.name for b in wanted}
+        for service in sorted(self._discovered):
+            for backend in self._discovered[service]:
+                if backend.name in taken:
+                    log.warning("discovered backend skipped: name taken", extra={"backend": backend.name})
+                    continue
+                taken.add(backend.name)
+                wanted.append(backend)
+        return wanted
+
+    def _discovered_backends(self, service: str, backends: tuple[BackendConfig, ...]) -> None:
+        """Discovery's news about one Service: swap the backends soon (one swap for a burst of changes)."""
+        if self._discovered.get(service) == backends:
+            return
+        self._discovered[service] = backends
+        log.info("kubernetes discovery", extra={"service": service, "backends": [b.name for b in backends]})
+        if not self._swap_pending:
+            self._swap_pending = True
+            task = asyncio.create_task(self._apply_discovered(), name="discovery-swap")
+            self._swaps.add(task)
+            task.add_done_callback(self._swaps.discard)
+
+    async def _apply_discovered(self) -> None:
+        async with self._reloading:
+            self._swap_pending = False  # news from here on needs another swap
+            await self._swap_backends()
 
     async def _replace_jwt(self, config: SluiceConfig) -> None:
         retired, self.jwt = self.jwt, JwtVerifier(config.auth.jwt) if config.auth.jwt is not None else None
@@ -310,6 +359,9 @@ class Gateway:
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
         await self.monitor.start()
+        if self.discovery is not None:
+            await self.discovery.start()  # its first lists are being swapped in (health-checked) meanwhile
+            await asyncio.gather(*self._swaps)
         await self.scraper.start()
         await self.placer.start()
         await self.limiter.start()
@@ -398,6 +450,11 @@ class Gateway:
         self._deadlines.close()
         if self.access_log is not None:
             self.access_log.flush()
+        if self.discovery is not None:
+            await self.discovery.close()
+        for task in list(self._swaps):
+            task.cancel()
+        await asyncio.gather(*self._swaps, return_exceptions=True)
         await self.monitor.close()
         await self.scraper.close()
         await self.placer.close()

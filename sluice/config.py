@@ -57,6 +57,40 @@ class BackendConfig(Section):
         return urlsplit(self.url).port or 80
 
 
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class KubernetesPoolConfig(Section):
+    """The ready pods of one Service become backends; the other keys are what each of them gets."""
+
+    service: str = Field(pattern=DNS_LABEL)  # its EndpointSlices carry kubernetes.io/service-name=<service>
+    port: str | int = "http"  # the Service port's name, or its number
+    weight: float = Field(1.0, gt=0, le=1000)
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    max_concurrency: int | None = Field(None, ge=1)
+    max_loras: int | None = Field(None, ge=1)
+
+
+class KubernetesDiscoveryConfig(Section):
+    namespace: str | None = Field(None, pattern=DNS_LABEL)  # None: the gateway pod's own namespace
+    kubeconfig: str | None = None  # None: the pod's service account (in-cluster)
+    watch_timeout: PositiveSeconds = 300.0  # a watch is renewed after this long (from where it left off)
+    retry: PositiveSeconds = 5.0  # first pause after the API failed; doubles up to 60 s
+    pools: tuple[KubernetesPoolConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_services(self) -> KubernetesDiscoveryConfig:
+        services = [pool.service for pool in self.pools]
+        if len(set(services)) != len(services):
+            raise ValueError("discovery.kubernetes.pools: each service may appear once")
+        return self
+
+
+class DiscoveryConfig(Section):
+    kubernetes: KubernetesDiscoveryConfig | None = None
+
+
 class KeyLimitsConfig(Section):
     """Limits of one caller (an API key or a JWT subject); None means unlimited."""
 
@@ -417,7 +451,8 @@ class LoggingConfig(Section):
 
 class SluiceConfig(Section):
     server: ServerConfig = ServerConfig()
-    backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    backends: tuple[BackendConfig, ...] = ()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     auth: AuthConfig = AuthConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -437,6 +472,8 @@ class SluiceConfig(Section):
 
     @model_validator(mode="after")
     def _unique_backends(self) -> SluiceConfig:
+        if not self.backends and self.discovery.kubernetes is None:
+            raise ValueError("backends: list at least one, or discover them (discovery.kubernetes)")
         names = [b.name for b in self.backends]
         if len(set(names)) != len(names):
             raise ValueError("backends names must be unique")

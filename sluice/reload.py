@@ -4,7 +4,7 @@
 dropping a connection (`Gateway.reload`): an unchanged backend keeps its connections, health, load and
 circuits; a new or changed one is health-checked before it takes traffic; a removed or replaced one
 finishes what it has in flight and then closes. The other sections (`server`, `timeouts`, `limits`,
-`health`, `breaker`, `logging`, `database`, `redis`) and `auth.key_secret` shape sockets, timers,
+`health`, `breaker`, `logging`, `database`, `redis`, `discovery`, …) and `auth.key_secret` shape sockets, timers,
 connections and stored hashes, so a change to them is reported as needing a restart and the running
 values stay.
 """
@@ -20,6 +20,7 @@ from sluice.errors import InvalidRequest
 
 RESTART_ONLY = (
     "server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis", "cache", "repair", "tracing",
+    "discovery",
 )  # fmt: skip
 
 

@@ -310,6 +310,17 @@ def test_backend_concurrency_matches_the_engines(
         assert backend.max_concurrency * len(GATEWAYS) <= max_num_seqs, backend.name
 
 
+def test_the_alert_rules_know_each_engines_max_num_seqs(services: dict[str, dict[str, Any]]) -> None:
+    """sluice:vllm_max_num_seqs (rules/vllm.yml) holds each pool's --max-num-seqs: VLLMRunningNearMaxSeqs
+    fires at 80 % of the real value, not of vLLM's default."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules" / "vllm.yml").read_text())
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("record") == "sluice:vllm_max_num_seqs"]
+    per_pool = {m[0]: int(m[1]) for m in re.findall(r'backend=~"([a-z0-9-]+)\(-\.\+\)\?"\}\)\s*\+\s*(\d+)', expr)}
+    engines = {name: int(command_flags(service)["--max-num-seqs"])
+               for name, service in services.items() if "--enable-lora" in command_flags(service)}  # fmt: skip
+    assert engines and per_pool == engines
+
+
 def test_gateways_run_the_mounted_configuration(services: dict[str, dict[str, Any]]) -> None:
     for name in GATEWAYS:
         service = services[name]
@@ -573,7 +584,7 @@ def test_dockerfile_installs_the_production_extras() -> None:
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     extras = next(arguments for keyword, arguments in instructions if arguments.startswith("SLUICE_EXTRAS="))
     chosen = set(extras.partition("=")[2].split(","))
-    assert {"rag", "tracing"} <= chosen
+    assert {"rag", "tracing", "kubernetes"} <= chosen
     assert "embeddings" not in chosen, "torch stays out of the gateway image: the embeddings service embeds"
 
 

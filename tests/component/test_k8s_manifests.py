@@ -41,6 +41,7 @@ PLACEHOLDER_ENV = {
     "SLUICE_ADMIN_KEY": "placeholder-admin-key-0000",
     "SLUICE_KEY_SECRET": "placeholder-key-secret-0000000000000000",
     "POSTGRES_PASSWORD": "placeholder",
+    "SLUICE_TRUSTED_PROXY_CIDR": "192.0.2.0/24",
 }
 
 Obj = dict[str, Any]
@@ -325,12 +326,17 @@ def test_every_referenced_secret_key_is_in_the_example(objects: list[Obj]) -> No
     (container,) = containers(find(objects, "Deployment", GATEWAY))
     assert needed <= {e["name"] for e in container["env"]}
     assert needed == set(PLACEHOLDER_ENV)
+    secret_keys = {key for _, key in refs}
+    assert {name for name in needed if name not in secret_keys} == {"SLUICE_TRUSTED_PROXY_CIDR"}  # not a secret
 
 
 def test_the_gateway_configuration_loads(objects: list[Obj]) -> None:
     text = find(objects, "ConfigMap", "sluice-config")["data"]["sluice.yaml"]
     config = parse_config(text, source="sluice-config", env=PLACEHOLDER_ENV)
-    assert sorted(b.name for b in config.backends) == list(ENGINES)
+    assert config.backends == ()  # the engines' pods are discovered
+    assert config.discovery.kubernetes is not None
+    assert [pool.service for pool in config.discovery.kubernetes.pools] == list(ENGINES)
+    assert config.discovery.kubernetes.kubeconfig is None  # the pod's service account
     assert config.server.host == "0.0.0.0"
 
 
@@ -347,10 +353,43 @@ def test_every_configured_host_is_a_service_of_the_manifests(objects: list[Obj])
         assert url.hostname in services, f"{value}: no Service named {url.hostname}"
         ports = {p["port"] for p in services[url.hostname]["spec"].get("ports", [])}
         assert url.port in ports, f"{value}: the Service {url.hostname} has no port {url.port}"
-    assert {"vllm-a", "vllm-b", "vllm-c", "embeddings", "chroma", "redis", "postgres"} <= hosts
-    # Each backend's name is its pool: the repair webhook and the Prometheus labels rely on it.
-    for backend in config["backends"]:
-        assert services[urlsplit(backend["url"]).hostname]["metadata"]["labels"]["sluice.dev/pool"] == backend["name"]
+    assert {"embeddings", "chroma", "redis", "postgres"} <= hosts
+    # Each discovered pool is an engine Service with the named port, selecting that engine's pods.
+    for pool in config["discovery"]["kubernetes"]["pools"]:
+        service = services[pool["service"]]
+        assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+        assert pool["port"] in {p["name"] for p in service["spec"]["ports"]}, pool
+        assert selects(service["spec"]["selector"], pod_labels(find(objects, "Deployment", pool["service"])))
+
+
+def test_the_gateway_may_watch_endpoint_slices_and_nothing_more(objects: list[Obj], production: list[Obj]) -> None:
+    for rendered in (objects, production):
+        gateway = find(rendered, "Deployment", GATEWAY)
+        pod = gateway["spec"]["template"]["spec"]
+        account = find(rendered, "ServiceAccount", pod["serviceAccountName"])
+        assert pod["automountServiceAccountToken"] is True  # the in-cluster client reads the token
+        assert account["automountServiceAccountToken"] is False  # no other pod gets it by accident
+        (binding,) = [o for o in rendered if o["kind"] == "RoleBinding"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
+        assert binding["roleRef"]["kind"] == "Role"  # namespaced, never cluster-wide
+        role = find(rendered, "Role", binding["roleRef"]["name"])
+        assert role["rules"] == [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+        ]
+    for engine in ENGINES:  # the engines never talk to the API
+        assert find(objects, "Deployment", engine)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_x_forwarded_for_is_trusted_from_the_overlays_network_only(objects: list[Obj], production: list[Obj]) -> None:
+    def cidr(rendered: list[Obj]) -> str:
+        (container,) = containers(find(rendered, "Deployment", GATEWAY))
+        (value,) = [e["value"] for e in container["env"] if e["name"] == "SLUICE_TRUSTED_PROXY_CIDR"]
+        return str(value)
+
+    assert cidr(objects) == "192.0.2.0/24"  # the base trusts no real network
+    production_cidr = cidr(production)
+    assert production_cidr != "192.0.2.0/24" and not production_cidr.endswith("/8")
+    assert gateway_config(objects)["rate_limits"]["trusted_proxies"] == ["${SLUICE_TRUSTED_PROXY_CIDR}"]
 
 
 def test_services_select_pods_and_managed_stores_are_external(objects: list[Obj]) -> None:

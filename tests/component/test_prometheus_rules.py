@@ -24,6 +24,8 @@ from tests.conftest import API_KEY, StartFake, StartGateway
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS / "prometheus.yml"
+KUBERNETES_CONFIG = PROMETHEUS / "kubernetes-scrape.yml"
+K8S_BASE = ROOT / "deploy" / "k8s" / "base"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*.yml"))
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -95,6 +97,36 @@ def runbook_anchors() -> set[str]:
 
 def test_the_prometheus_configuration_is_valid() -> None:
     output = run(tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG))
+    assert f"{len(RULE_FILES)} rule files found" in output
+
+
+def test_the_kubernetes_scrape_configuration_is_valid_and_labels_engines_by_pod(tmp_path: Path) -> None:
+    """Debian's Prometheus is built without Kubernetes service discovery, so promtool checks the file with
+    each job's kubernetes_sd_configs swapped for a static target: everything else (relabelling, rules,
+    alerting) is checked as written. The discovery part is checked against the manifests' labels."""
+    config = yaml.safe_load(KUBERNETES_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"sluice", "vllm"}  # the job names the rules select on
+    pods: dict[str, dict[str, Any]] = {}
+    for path in K8S_BASE.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] in ("Deployment", "StatefulSet"):
+                pods[doc["metadata"]["name"]] = doc["spec"]["template"]["metadata"]["labels"]
+    for name, job in jobs.items():
+        (sd,) = job.pop("kubernetes_sd_configs")
+        assert sd["role"] == "pod" and sd["namespaces"]["names"] == ["sluice"]
+        component_label = ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]
+        keeps = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+        (component,) = [r["regex"] for r in keeps if r["source_labels"] == component_label]
+        kept = sorted(n for n, labels in pods.items() if labels.get("app.kubernetes.io/component") == component)
+        assert kept == (["sluice"] if name == "sluice" else ["vllm-a", "vllm-b", "vllm-c"]), (name, kept)
+        job["static_configs"] = [{"targets": ["placeholder:8000"]}]
+    (backend,) = [r for r in jobs["vllm"]["relabel_configs"] if r.get("target_label") == "backend"]
+    assert backend["source_labels"] == ["__meta_kubernetes_pod_name"]  # = the discovered backend's name
+    config["rule_files"] = [str(PROMETHEUS / "rules" / "*.yml")]
+    copy = tmp_path / "kubernetes-scrape.yml"
+    copy.write_text(yaml.safe_dump(config))
+    output = run(tool("promtool"), "check", "config", str(copy))
     assert f"{len(RULE_FILES)} rule files found" in output
 
 

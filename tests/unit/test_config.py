@@ -68,8 +68,10 @@ def test_errors_name_the_key_and_line(change: tuple[str, str], where: str, what:
 
 
 def test_no_backends_and_bad_yaml() -> None:
-    with pytest.raises(ConfigError, match="backends: required key is missing"):
+    with pytest.raises(ConfigError, match="list at least one, or discover them"):
         parse_config("server: {port: 1}\n")
+    with pytest.raises(ConfigError, match="list at least one, or discover them"):
+        parse_config("backends: []\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_config("server: [\n")
     with pytest.raises(ConfigError, match="empty"):
@@ -118,3 +120,17 @@ def test_cache_settings_per_model() -> None:
     cache = parse_config(text, env={"SLUICE_CI_KEY": "sk-ci-0123456789"}).cache
     assert cache.for_model("hot").max_temperature == 0.5 and not cache.for_model("hot").semantic
     assert cache.for_model("other") == cache.default and cache.default.max_temperature == 0
+
+
+def test_backends_may_all_be_discovered_through_kubernetes() -> None:
+    config = parse_config("discovery:\n  kubernetes:\n    pools:\n      - {service: vllm-a, port: 8000, weight: 2}\n")
+    assert config.backends == ()
+    assert config.discovery.kubernetes is not None
+    (pool,) = config.discovery.kubernetes.pools
+    assert (pool.service, pool.port, pool.weight) == ("vllm-a", 8000, 2)
+    with pytest.raises(ConfigError, match="pools"):
+        parse_config("discovery:\n  kubernetes:\n    pools: []\n")
+    with pytest.raises(ConfigError, match="each service may appear once"):
+        parse_config("discovery:\n  kubernetes:\n    pools: [{service: a}, {service: a}]\n")
+    with pytest.raises(ConfigError, match="service"):
+        parse_config("discovery:\n  kubernetes:\n    pools: [{service: Not_A_Service}]\n")
