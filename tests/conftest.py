@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,14 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on uvloop, the loop the gateway uses in production."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Wait until `condition()` holds, checking every 20 ms; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        await asyncio.sleep(0.02)
 
 
 def free_port() -> int:

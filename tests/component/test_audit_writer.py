@@ -8,14 +8,13 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
 from sluice.app import Gateway
-from tests.conftest import API_KEY, StartFake, StartGateway, free_port
+from tests.conftest import API_KEY, StartFake, StartGateway, eventually, free_port
 from tests.postgres_server import throwaway_postgres
 
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -40,12 +39,6 @@ async def chat(gw: Gateway, session: aiohttp.ClientSession) -> int:
         return response.status
 
 
-async def until(condition: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
 
 async def test_a_slow_database_sends_records_to_the_journal_then_gets_them_once(
     postgres_url: str, tmp_path: Path, fake: StartFake, gateway: StartGateway
@@ -57,18 +50,18 @@ async def test_a_slow_database_sends_records_to_the_journal_then_gets_them_once(
     blocker = await asyncpg.connect(postgres_url)
     async with aiohttp.ClientSession() as session:
         assert await chat(gw, session) == 200
-        await until(lambda: gw.audit.counts["written"] == 1)  # type: ignore[union-attr]
+        await eventually(lambda: gw.audit.counts["written"] == 1)  # type: ignore[union-attr]
         transaction = blocker.transaction()
         await transaction.start()
         await blocker.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")  # inserts now hang
         started = time.monotonic()
         statuses = [await chat(gw, session) for _ in range(20)]
         assert statuses == [200] * 20 and time.monotonic() - started < 5  # requests never wait for the log
-        await until(lambda: gw.audit.counts["journaled"] >= 20)  # type: ignore[union-attr]
+        await eventually(lambda: gw.audit.counts["journaled"] >= 20)  # type: ignore[union-attr]
         await transaction.rollback()  # the database is fast again
-        await until(lambda: gw.audit.database_up and not gw.audit.journal.pending)  # type: ignore[union-attr]
+        await eventually(lambda: gw.audit.database_up and not gw.audit.journal.pending)  # type: ignore[union-attr]
         assert await chat(gw, session) == 200
-    await until(lambda: gw.audit.counts["written"] >= 2)  # type: ignore[union-attr]
+    await eventually(lambda: gw.audit.counts["written"] >= 2)  # type: ignore[union-attr]
     ids = [r["request_id"] for r in await blocker.fetch("SELECT request_id FROM requests")]
     await blocker.close()
     assert len(ids) == len(set(ids)) == 22
@@ -84,11 +77,11 @@ async def test_a_database_down_at_start_up_is_connected_later(
     assert gw.audit is not None and gw.audit.database is None
     async with aiohttp.ClientSession() as session:
         assert [await chat(gw, session) for _ in range(10)] == [200] * 10
-    await until(lambda: gw.audit.counts["journaled"] == 10)  # type: ignore[union-attr]
+    await eventually(lambda: gw.audit.counts["journaled"] == 10)  # type: ignore[union-attr]
     await gw.close()
     # The next gateway (another replica, or this one restarted) has a database: it takes over the journal.
     gw = await gateway([await fake("base")], database={"url": postgres_url}, audit=audit)
-    await until(lambda: gw.audit.counts["replayed"] == 10)  # type: ignore[union-attr]
+    await eventually(lambda: gw.audit.counts["replayed"] == 10)  # type: ignore[union-attr]
     connection = await asyncpg.connect(postgres_url)
     assert await connection.fetchval("SELECT count(DISTINCT request_id) FROM requests") == 10
     await connection.close()
@@ -147,7 +140,7 @@ async def test_a_record_the_database_refuses_goes_to_the_dead_letter_file_and_bl
             async with session.post(gw.url + "/v1/chat/completions", json=body, headers=headers) as response:
                 assert response.status == 200
     assert gw.audit is not None
-    await until(lambda: gw.audit.counts["invalid"] == 1)  # type: ignore[union-attr]
+    await eventually(lambda: gw.audit.counts["invalid"] == 1)  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
     while await connection.fetchval("SELECT count(*) FROM requests") < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # the last records may be in a later batch
@@ -175,10 +168,10 @@ async def test_a_database_refusing_every_record_is_treated_as_unavailable(
         for _ in range(5):  # one record per batch: each refused alone, none for its data
             assert await chat(gw, session) == 200
             await asyncio.sleep(0.3)
-        await until(lambda: gw.audit.counts["journaled"] == 5)  # type: ignore[union-attr]
+        await eventually(lambda: gw.audit.counts["journaled"] == 5)  # type: ignore[union-attr]
         assert gw.audit.counts["invalid"] == 0 and not (tmp_path / "journal" / "invalid.jsonl").exists()
         await connection.execute("DROP TRIGGER refuse ON requests")  # writable again
-        await until(lambda: gw.audit.counts["replayed"] == 5)  # type: ignore[union-attr]
+        await eventually(lambda: gw.audit.counts["replayed"] == 5)  # type: ignore[union-attr]
     assert await connection.fetchval("SELECT count(DISTINCT request_id) FROM requests") == 5
     await connection.close()
 

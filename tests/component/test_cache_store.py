@@ -18,6 +18,7 @@ from sluice.cache.stores import make_store
 from sluice.cache.types import CacheEntry, CacheUnavailable
 from sluice.config import CacheConfig, RedisConfig
 from sluice.resp import RespClient
+from tests.conftest import eventually
 from tests.redis_server import RedisServer
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -49,12 +50,6 @@ async def synced(*stores: Store) -> None:
         if isinstance(store, RedisCacheStore):
             assert await store.wait_synced(3.0)
 
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

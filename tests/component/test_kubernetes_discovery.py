@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from sluice.app import Gateway
 from sluice.config import BackendConfig, KubernetesDiscoveryConfig
 from sluice.testing.fake_vllm import FakeVLLM
 from sluice.upstream.kubernetes_discovery import KubernetesDiscovery
-from tests.conftest import API_KEY, StartFake, StartGateway
+from tests.conftest import API_KEY, StartFake, StartGateway, eventually
 from tests.kubernetes_api import TOKEN, FakeKubernetesApi, recorded, recorded_events
 
 PODS = {  # recorded pod address → where its fake engine listens here
@@ -31,12 +31,6 @@ PODS = {  # recorded pod address → where its fake engine listens here
     "10.244.4.8": "127.0.0.5",  # t5w3z (added by a watch event)
 }
 
-
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -75,7 +69,7 @@ async def test_lists_then_follows_the_watch_with_the_service_account_token(
         assert watcher.namespace == "sluice"  # the kubeconfig context's namespace
         await asyncio.wait_for(api.watching.wait(), 5)
         api.send(*recorded_events("endpointslices-vllm-a.watch.jsonl"))
-        await until(lambda: len(seen.changes) == 5)
+        await eventually(lambda: len(seen.changes) == 5)
         assert seen.changes[1:] == [
             ["2mq8x", "k7v4n", "x9p2r"],
             ["2mq8x", "x9p2r"],  # (a bookmark between these changed nothing)
@@ -102,15 +96,15 @@ async def test_a_renewed_watch_continues_from_the_last_version_and_an_expired_on
     try:
         await asyncio.wait_for(api.watching.wait(), 5)
         api.send(*recorded_events("endpointslices-vllm-a.watch.jsonl")[:3])
-        await until(lambda: len(seen.changes) == 3)  # the list, then two changes around a bookmark
+        await eventually(lambda: len(seen.changes) == 3)  # the list, then two changes around a bookmark
         api.end_watch()  # the API server's timeout passed
-        await until(lambda: len(api.watches()) == 2)
+        await eventually(lambda: len(api.watches()) == 2)
         assert api.watches()[1].query["resourceVersion"] == "48502"  # the last event's version
         lists_before = len(api.calls) - len(api.watches())
         await asyncio.wait_for(api.watching.wait(), 5)
         api.send(recorded("watch-expired.json").strip())  # 410 Gone: that version was compacted away
-        await until(lambda: len(api.calls) - len(api.watches()) == lists_before + 1)
-        await until(lambda: len(api.watches()) == 3)
+        await eventually(lambda: len(api.calls) - len(api.watches()) == lists_before + 1)
+        await eventually(lambda: len(api.watches()) == 3)
         assert api.watches()[2].query["resourceVersion"] == "48213"  # from the new list
         assert seen.changes[-1] == ["2mq8x", "k7v4n"]  # the list is the truth again
     finally:
@@ -125,10 +119,10 @@ async def test_an_api_outage_keeps_the_last_backends_and_recovers(api: FakeKuber
         await asyncio.wait_for(api.watching.wait(), 5)
         api.fail_with = 503
         api.end_watch()
-        await until(lambda: not watcher.api_up)
+        await eventually(lambda: not watcher.api_up)
         assert seen.changes == [["2mq8x", "k7v4n"]]  # nothing was withdrawn because the API failed
         api.fail_with = None
-        await until(lambda: watcher.api_up)
+        await eventually(lambda: watcher.api_up)
         await asyncio.wait_for(api.watching.wait(), 5)
     finally:
         await watcher.close()
@@ -192,16 +186,16 @@ async def test_the_gateway_routes_to_the_discovered_pods_as_they_come_and_go(
         stream_body = {**body, "stream": True, "max_tokens": 40}
         await asyncio.wait_for(api.watching.wait(), 5)
         api.send(events[0])  # x9p2r ready
-        await until(lambda: len(gw.backends.serving("qwen2.5-32b-awq")) == 3)
+        await eventually(lambda: len(gw.backends.serving("qwen2.5-32b-awq")) == 3)
         assert (await send(12))["10.244.3.12"] > 0
 
         terminating = gw.backends.by_name["vllm-a-6c9f7d8b54-k7v4n"]
         pods["10.244.2.31"].settings.itl_ms = 20
         streams = [asyncio.create_task(client.post(f"{gw.url}/v1/chat/completions", json=stream_body))
                    for _ in range(6)]  # fmt: skip
-        await until(lambda: terminating.in_flight > 0)
+        await eventually(lambda: terminating.in_flight > 0)
         api.send(events[1], events[2])  # a bookmark, then k7v4n terminating
-        await until(lambda: "vllm-a-6c9f7d8b54-k7v4n" not in gw.backends.by_name)
+        await eventually(lambda: "vllm-a-6c9f7d8b54-k7v4n" not in gw.backends.by_name)
         for task in streams:
             async with await task as response:
                 text = await response.text()
@@ -209,7 +203,8 @@ async def test_the_gateway_routes_to_the_discovered_pods_as_they_come_and_go(
         assert (await send(12))["10.244.2.31"] == 0  # no new request for a terminating pod
 
         api.send(events[3], events[4])  # a new slice with t5w3z, then the first slice deleted
-        await until(lambda: [b.name for b in gw.backends.serving("qwen2.5-32b-awq")] == ["vllm-a-6c9f7d8b54-t5w3z"])
+        last = ["vllm-a-6c9f7d8b54-t5w3z"]
+        await eventually(lambda: [b.name for b in gw.backends.serving("qwen2.5-32b-awq")] == last)
         spread = await send(6)
         assert spread == {"10.244.1.17": 0, "10.244.2.31": 0, "10.244.3.12": 0, "10.244.4.8": 6}
 

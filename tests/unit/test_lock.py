@@ -7,6 +7,7 @@ installs exactly the lock with --require-hashes.
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_every_pin_has_hashes_and_no_machine_specific_index() -> None:
     text = LOCK.read_text()
     starts = [match.start() for match in PIN.finditer(text)] + [len(text)]
     assert len(starts) - 1 == len(pins()) > 50
-    for start, end in zip(starts, starts[1:], strict=False):
+    for start, end in itertools.pairwise(starts):
         assert "--hash=sha256:" in text[start:end], text[start:end].splitlines()[0]
     assert "--find-links" not in text and "--extra-index-url" not in text and "file://" not in text
 
