@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT   ?= 8080
 
-.PHONY: lock demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval system-deps clean
+.PHONY: lock demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval soak system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
@@ -52,6 +52,12 @@ system-deps:
 bench: $(STAMP) system-deps
 	@$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Ten minutes of 100 users under chaos (backends SIGKILLed, Redis and PostgreSQL restarted) against a real
+# gateway, held to bars (success, audit rows, RSS, descriptors); results go to docs/benchmarks.md ("Soak").
+# SOAK_ARGS="--duration 300" for a shorter run; tests/soak runs the same code for 2 minutes in `make test`.
+soak: $(STAMP) system-deps
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # Round robin vs prefix-cache affinity on two real engines (about 12 GB of RAM, several minutes).
 bench-affinity: $(STAMP) engine
