@@ -31,7 +31,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-for service in prometheus prometheus-alertmanager redis-server postgresql; do
+for service in "${need[@]}"; do  # only what was installed now: never the machine's own running services
+  case "$service" in prometheus|prometheus-alertmanager|redis-server|postgresql) ;; *) continue ;; esac
   if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$service" >/dev/null 2>&1 || true; fi
   if command -v update-rc.d >/dev/null 2>&1; then update-rc.d "$service" disable >/dev/null 2>&1 || true; fi
 done
