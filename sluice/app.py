@@ -24,7 +24,7 @@ from sluice.cache.embedders import make_embedder
 from sluice.cache.service import ResponseCache
 from sluice.cache.stores import make_store
 from sluice.config import BackendConfig, SluiceConfig
-from sluice.context import RequestContext
+from sluice.context import Handler, RequestContext
 from sluice.deadlines import Deadlines
 from sluice.http.request import HttpRequest
 from sluice.http.response import ResponseWriter
@@ -36,15 +36,18 @@ from sluice.identity.revocations import RevocationFeed
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
 from sluice.metrics_workers import WorkerMetrics, sibling_directory
+from sluice.openapi import OpenApiDocument
 from sluice.pipeline.audit_gate import AuditGate
 from sluice.pipeline.auth import AuthStage
 from sluice.pipeline.cache import CacheStage
 from sluice.pipeline.chain import build_chain
 from sluice.pipeline.client_address import ClientAddress
+from sluice.pipeline.cors import CorsStage
 from sluice.pipeline.dispatch import Dispatcher
 from sluice.pipeline.errors import ErrorsStage
 from sluice.pipeline.ingress import IngressStage
 from sluice.pipeline.limits import LimitsCheck
+from sluice.pipeline.media import MediaPolicyCheck
 from sluice.pipeline.parse import ParseStage
 from sluice.pipeline.rag import RagStage
 from sluice.rag.retrieval import Retriever
@@ -75,6 +78,7 @@ class Gateway:
         self._on_reload = on_reload
         self._reloading = asyncio.Lock()
         self.metrics = GatewayMetrics()
+        self.openapi = OpenApiDocument()  # built once: GET /openapi.json sends its bytes
         timeouts, limits = config.timeouts, config.limits
         shortest = min(timeouts.model_dump().values())
         self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
@@ -127,7 +131,7 @@ class Gateway:
 
             self.discovery = KubernetesDiscovery(config.discovery.kubernetes, self._discovered_backends)
         self._limits = self._limits_check(config)
-        self._chain = self._build_chain(config)
+        self._chain, self._admin_chain = self._build_chains(config)
         self._settings = ServerSettings(
             max_body_bytes=limits.max_body_bytes,
             max_header_bytes=limits.max_header_bytes,
@@ -139,7 +143,9 @@ class Gateway:
         self._connections: set[HttpServerProtocol] = set()
         self.draining = False
         self.port = 0  # the bound port, once started
+        self.admin_port = 0  # the admin listener's bound port, when `server.admin_port` is set
         self._server: asyncio.Server | None = None
+        self._admin_server: asyncio.Server | None = None
 
     def _new_cache(self, config: SluiceConfig) -> ResponseCache | None:
         settings = config.cache
@@ -179,8 +185,9 @@ class Gateway:
         lease_ttl = config.timeouts.stream_read + config.timeouts.connect  # a crashed replica's slots come back
         return LimitsCheck(self.limiter, config.rate_limits, lease_ttl, self.metrics)
 
-    def _build_chain(self, config: SluiceConfig) -> Callable[[RequestContext], Awaitable[None]]:
-        """The pipeline for `config`'s live sections (built again on every reload)."""
+    def _build_chains(self, config: SluiceConfig) -> tuple[Handler, Handler | None]:
+        """The pipeline for `config`'s live sections (built again on every reload): the main listener's, and
+        the admin listener's when `server.admin_port` gives the admin routes one of their own."""
         dispatcher = Dispatcher(
             self.backends,
             self.monitor,
@@ -202,10 +209,12 @@ class Gateway:
         )
         admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
-        local.handlers["admin_usage"] = AdminUsage(lambda: self.database).report
+        usage = AdminUsage(lambda: self.database)
+        local.handlers.update(admin_usage=usage.report, usage=usage.own)
         cache_admin = AdminCache(self.cache)
         local.handlers.update(admin_cache=cache_admin.status, admin_cache_purge=cache_admin.purge)
         local.handlers["admin_alerts"] = self.repair.receive if self.repair is not None else repair_off
+        local.handlers["openapi"] = self.openapi.serve
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
@@ -226,21 +235,31 @@ class Gateway:
             from sluice.tracing import TracingStage
 
             tracing.append(TracingStage(self.tracing))
-        return build_chain(
-            [
-                *tracing,
-                ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish, audit),
-                ClientAddress(config.rate_limits.trusted_proxies),  # before anything can answer
-                IngressStage(PATHS, PREFIXES),
-                *gate,
-                AuthStage(config.auth, self.metrics, self.managed, self.jwt),
-                ParseStage(),
-                self._limits,
-                *([CacheStage(self.cache, self.metrics, corpus)] if self.cache is not None else []),
-                *([rag] if rag is not None else []),
-            ],
-            terminal,
-        )
+        cors = config.cors if config.cors.allow_origins else None
+        media = [MediaPolicyCheck(config.media)] if config.media.remote_urls != "allow" else []
+
+        def chain(ingress: IngressStage) -> Handler:
+            return build_chain(
+                [
+                    *tracing,
+                    ErrorsStage(self.metrics, self.backends, self.access_log, self._limits.finish, audit),
+                    ClientAddress(config.rate_limits.trusted_proxies),  # before anything can answer
+                    *([CorsStage(cors, ingress.route_for)] if cors is not None else []),  # marks 404s too
+                    ingress,
+                    *gate,
+                    AuthStage(config.auth, self.metrics, self.managed, self.jwt),
+                    ParseStage(),
+                    self._limits,
+                    *media,  # after the limits: the host lookups it may make are paid for like requests
+                    *([CacheStage(self.cache, self.metrics, corpus)] if self.cache is not None else []),
+                    *([rag] if rag is not None else []),
+                ],
+                terminal,
+            )
+
+        if config.server.admin_port is None:
+            return chain(IngressStage(PATHS, PREFIXES)), None
+        return chain(IngressStage(PATHS, PREFIXES, admin=False)), chain(IngressStage(PATHS, PREFIXES, admin=True))
 
     async def reload(self, new: SluiceConfig) -> dict[str, object]:
         """Apply a new configuration's live sections without dropping a connection (see sluice/reload.py).
@@ -259,7 +278,7 @@ class Gateway:
             self.admission.retry_after = self.placer.retry_after = retry_after
             self.placer.load_timeout = config.adapters.load_timeout
             self._limits = self._limits_check(config)
-            self._chain = self._build_chain(config)
+            self._chain, self._admin_chain = self._build_chains(config)
             summary = plan.summary()
             log.info("configuration reloaded", extra=summary)
             if plan.restart_required:
@@ -356,6 +375,11 @@ class Gateway:
     def handle(self, request: HttpRequest, writer: ResponseWriter) -> Awaitable[None]:
         return self._chain(RequestContext(request, writer, time.perf_counter()))
 
+    def handle_admin(self, request: HttpRequest, writer: ResponseWriter) -> Awaitable[None]:
+        """A request on the admin listener (`server.admin_port`), which serves the admin routes only."""
+        assert self._admin_chain is not None
+        return self._admin_chain(RequestContext(request, writer, time.perf_counter()))
+
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Probe the backends once, then listen (on `sock` if given, else on server.host:port)."""
         await self.monitor.start()
@@ -378,7 +402,7 @@ class Gateway:
             await self.repair.start()
         if self.retriever is not None:
             await self.retriever.start()
-        self._chain = self._build_chain(self.config)
+        self._chain, self._admin_chain = self._build_chains(self.config)
         for backend in self.backends.all:
             self._deadlines.add(backend.pool)  # idle keep-alive connections are closed when they expire
         loop = asyncio.get_running_loop()
@@ -398,6 +422,20 @@ class Gateway:
                 reuse_port=reuse_port or None,
             )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        if server_config.admin_port is not None:  # every worker listens here too, sharing it like the main port
+
+            def admin_protocol() -> HttpServerProtocol:
+                settings, ids, deadlines = self._settings, self._ids, self._deadlines
+                return HttpServerProtocol(self.handle_admin, settings, ids, deadlines, self._connections)
+
+            self._admin_server = await loop.create_server(
+                admin_protocol,
+                server_config.admin_host,
+                server_config.admin_port,
+                backlog=server_config.backlog,
+                reuse_port=reuse_port or None,
+            )
+            self.admin_port = int(self._admin_server.sockets[0].getsockname()[1])
 
     async def _open_key_store(self) -> None:
         """Managed keys need `auth.key_secret`: open the database (applying migrations) and the feed."""
@@ -427,6 +465,13 @@ class Gateway:
     def url(self) -> str:
         return f"http://{self.config.server.host}:{self.port}"
 
+    @property
+    def admin_url(self) -> str:
+        """Where the admin API answers: the admin listener when there is one, else the main one."""
+        if self._admin_server is None:
+            return self.url
+        return f"http://{self.config.server.admin_host}:{self.admin_port}"
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting, let requests in flight finish (up to `timeout`), close idle connections.
 
@@ -434,8 +479,9 @@ class Gateway:
         flight finished in time.
         """
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._admin_server):
+            if server is not None:
+                server.close()
         serving = [task for conn in list(self._connections) if (task := conn.drain()) is not None]
         if not serving:
             return True
@@ -445,8 +491,9 @@ class Gateway:
         return not pending
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._admin_server):
+            if server is not None:
+                server.close()
         self._deadlines.close()
         if self.access_log is not None:
             self.access_log.flush()
@@ -480,5 +527,6 @@ class Gateway:
             await self.database.close()
         for backend in self.backends.all:
             backend.pool.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._admin_server):
+            if server is not None:
+                await server.wait_closed()

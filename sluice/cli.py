@@ -124,8 +124,10 @@ def _reload(path: str, url: str | None) -> int:
             file=sys.stderr,
         )
         return 2
-    host = config.server.host if config.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    target = (url or f"http://{host}:{config.server.port}").rstrip("/") + "/admin/reload"
+    server = config.server
+    host, port = (server.host, server.port) if server.admin_port is None else (server.admin_host, server.admin_port)
+    host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    target = (url or f"http://{host}:{port}").rstrip("/") + "/admin/reload"
     request = urllib.request.Request(
         target, method="POST", data=b"", headers={"Authorization": f"Bearer {config.auth.admin_key}"}
     )

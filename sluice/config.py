@@ -27,6 +27,14 @@ class ServerConfig(Section):
     workers: int = Field(1, ge=1, le=256)
     backlog: int = Field(2048, ge=16)
     drain_timeout: PositiveSeconds = 30.0
+    admin_host: str = "127.0.0.1"  # the admin listener's address, when admin_port is set
+    admin_port: int | None = Field(None, ge=0, le=65535)  # None: /admin/* is served on `port` with the API
+
+    @model_validator(mode="after")
+    def _admin_port_differs(self) -> ServerConfig:
+        if self.admin_port and self.admin_port == self.port:
+            raise ValueError("admin_port must differ from port (the admin API gets a listener of its own)")
+        return self
 
 
 class BackendConfig(Section):
@@ -443,6 +451,68 @@ class TracingConfig(Section):
     export_timeout: PositiveSeconds = 5.0
 
 
+class MediaConfig(Section):
+    """Remote media URLs in chat content parts, which the backend would fetch itself (sluice/pipeline/media.py)."""
+
+    remote_urls: Literal["allow", "public_only", "deny"] = "public_only"
+    resolve_timeout: PositiveSeconds = 1.0  # public_only: a host name must resolve within this
+    max_remote_hosts: int = Field(8, ge=1, le=256)  # public_only: distinct host names looked up per request
+
+
+CORS_EXPOSED = (
+    "x-request-id", "x-sluice-model", "x-sluice-cache", "retry-after",
+    "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+)  # fmt: skip
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class CorsConfig(Section):
+    """Cross-origin access for browser clients (sluice/pipeline/cors.py); off while `allow_origins` is empty."""
+
+    allow_origins: tuple[str, ...] = ()  # exact origins (scheme://host[:port]), or "*" for any
+    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-request-id")  # "*": what is asked for
+    expose_headers: tuple[str, ...] = CORS_EXPOSED  # response headers the page's script may read
+    allow_credentials: bool = False  # cookies and TLS client certificates; never with "*"
+    max_age: int = Field(600, ge=0, le=86400)  # seconds a browser may reuse a preflight answer
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(origin if origin == "*" else _serialized_origin(origin) for origin in origins)
+
+    @field_validator("allow_headers", "expose_headers")
+    @classmethod
+    def _header_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if name != "*" and not HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return tuple(name.lower() for name in names)
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_origins may not contain '*' when allow_credentials is true; list the origins")
+        return self
+
+
+def _serialized_origin(origin: str) -> str:
+    """`origin` as browsers send it in the Origin header: lower case, no default port, no path."""
+    parts = urlsplit(origin.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or port == -1 or parts.username is not None:
+        raise ValueError(f"{origin!r} must be an origin such as https://app.example.com (or '*')")
+    if parts.path.rstrip("/") or parts.query or parts.fragment:
+        raise ValueError(f"{origin!r} must not have a path, query or fragment: an origin is scheme://host[:port]")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    shown_port = "" if port is None or port == DEFAULT_PORTS[parts.scheme] else f":{port}"
+    return f"{parts.scheme}://{host}{shown_port}"
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -469,6 +539,8 @@ class SluiceConfig(Section):
     rag: RagConfig = RagConfig()
     tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()
+    media: MediaConfig = MediaConfig()
+    cors: CorsConfig = CorsConfig()
 
     @model_validator(mode="after")
     def _unique_backends(self) -> SluiceConfig:

@@ -1,6 +1,6 @@
 """What a configuration reload changes: live sections applied at once, the rest kept until a restart.
 
-`backends`, `auth`, `routing`, `adapters` and `rate_limits` are applied to a running gateway without
+`backends`, `auth`, `routing`, `adapters`, `rate_limits`, `media` and `cors` are applied to a running gateway without
 dropping a connection (`Gateway.reload`): an unchanged backend keeps its connections, health, load and
 circuits; a new or changed one is health-checked before it takes traffic; a removed or replaced one
 finishes what it has in flight and then closes. The other sections (`server`, `timeouts`, `limits`,

@@ -31,6 +31,8 @@ LOCAL = (
     Route("admin_cache", ("GET",), public=False, proxied=False, admin=True),  # sluice/admin_cache.py
     Route("admin_cache_purge", ("POST",), public=False, proxied=False, admin=True),
     Route("admin_alerts", ("POST",), public=False, proxied=False, admin=True),  # sluice/repair.py
+    Route("openapi", ("GET",), public=True, proxied=False),  # sluice/openapi.py
+    Route("usage", ("GET",), public=False, proxied=False),  # the caller's own usage (sluice/admin_usage.py)
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -47,6 +49,8 @@ PATHS = {
     "/admin/cache": LOCAL[9],
     "/admin/cache/purge": LOCAL[10],
     "/admin/alerts": LOCAL[11],
+    "/openapi.json": LOCAL[12],
+    "/v1/usage": LOCAL[13],
 }
 PREFIXES = {"/admin/keys/": LOCAL[7]}  # /admin/keys/<id or name>[/revoke|/rotate]
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"

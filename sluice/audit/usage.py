@@ -92,9 +92,11 @@ def parse_since(text: str, now: datetime) -> datetime:
         if ago is not None:
             return now - timedelta(**{UNITS[ago[2]]: int(ago[1])})
         moment = datetime.fromisoformat(value)
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+        moment.astimezone(UTC)  # an offset can take it out of range (before year 1, after 9999) in UTC
     except (ValueError, OverflowError):
         raise ValueError(f"{text[:100]!r} is not a time; use {ACCEPTED}") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return moment
 
 
 def report_window(since: str, until: str | None, now: datetime) -> tuple[datetime, datetime]:
@@ -130,7 +132,7 @@ def days_overlapping(since: datetime, until: datetime) -> tuple[date, date]:
     """The UTC days [first, last) that [since, until) touches, for the daily report of that window."""
     first = since.astimezone(UTC).date()
     end = until.astimezone(UTC)
-    last = end.date() if end.time() == time(0) else end.date() + timedelta(days=1)
+    last = end.date() if end.time() == time(0) or end.date() == date.max else end.date() + timedelta(days=1)
     return first, last
 
 
@@ -141,12 +143,18 @@ async def usage_report(
     until: datetime | None = None,
     key: str | None = None,
     model: str | None = None,
+    caller: str | None = None,
 ) -> list[UsageRow]:
-    """Requests received in [since, until) per (key_id, key_name, model), ordered by key then model."""
+    """Requests received in [since, until) per (key_id, key_name, model), ordered by key then model.
+
+    `caller` keeps exactly one caller id's rows (a caller's own report); `key` is the operator's looser match.
+    """
     args: list[Any] = []
     where = [f"received_at >= {_bind(args, since)}"]
     if until is not None:
         where.append(f"received_at < {_bind(args, until)}")
+    if caller is not None:
+        where.append(f"key_id = {_bind(args, caller)}")
     if key is not None:
         name, managed_id = _bind(args, key), _bind(args, MANAGED_KEY_PREFIX + key)
         where.append(f"(key_id IN ({name}, {managed_id}) OR key_name = {name})")
@@ -167,11 +175,13 @@ async def daily_usage(
     until: date | None = None,
     key: str | None = None,
     model: str | None = None,
+    caller: str | None = None,
 ) -> list[DailyRow]:
     """The `usage_daily` rows of the UTC days in [since, until), ordered by day, key and model.
 
     `key` matches a caller id (`static:<name>`, `key:k_abc`), a managed key's id (`k_abc`) or name (every
-    key that ever had that name), or a static key's name; the roll-up keeps no names of its own.
+    key that ever had that name), or a static key's name; the roll-up keeps no names of its own. `caller`
+    keeps exactly one caller id's rows.
     """
 
     def day(value: date) -> Any:
@@ -181,6 +191,8 @@ async def daily_usage(
     where = [f"day >= {_bind(args, day(since))}"]
     if until is not None:
         where.append(f"day < {_bind(args, day(until))}")
+    if caller is not None:
+        where.append(f"key_id = {_bind(args, caller)}")
     if key is not None:
         name = _bind(args, key)
         ids = (name, _bind(args, MANAGED_KEY_PREFIX + key), _bind(args, STATIC_KEY_PREFIX + key))

@@ -76,7 +76,7 @@ class ResponseWriter:
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
         if self.extra:
             parts.append(self.extra)
-        if length is not None:
+        if length is not None and status != 204:  # a 204 has no body and must not say so (RFC 9110 §8.6)
             parts.append(b"content-length: %d\r\n" % length)
         elif self.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")

@@ -2,8 +2,9 @@
 
 One `HttpServerProtocol` per TCP connection. Requests are parsed by llhttp (via httptools), queued in
 arrival order and answered one at a time by a per-connection task, so pipelined requests get their
-responses in order. Protocol-level refusals (oversized headers or body, malformed HTTP, slow clients)
-are answered with an OpenAI-style error and the connection is closed. When the client goes away the
+responses in order. Protocol-level refusals (oversized headers or body, malformed HTTP or framing
+that leaves the body's end in doubt, slow clients) are answered with an OpenAI-style error and the
+connection is closed, so nothing the client sent after them is ever read as a request. When the client goes away the
 task is cancelled, which is how a disconnect reaches the upstream request.
 """
 
@@ -32,6 +33,7 @@ from sluice.http.response import ResponseWriter
 Handler = Callable[[HttpRequest, ResponseWriter], Awaitable[None]]
 MAX_PIPELINED = 16
 LINGER_SECONDS = 2.0
+NO_HEAD, HEAD_BEGAN = -1, -2  # `_head_bytes` when no request head is arriving / one began in the latest read
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._refused: GatewayError | None = None
+        self._head_bytes = NO_HEAD  # else bytes of the head read after the read it began in
 
     # asyncio callbacks
 
@@ -124,8 +127,11 @@ class HttpServerProtocol(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(InvalidRequest("Protocol upgrades are not supported by this endpoint."))
-        except httptools.HttpParserError:
-            self._refuse(InvalidRequest("Malformed HTTP request."))
+        except httptools.HttpParserError as exc:  # llhttp's reason is a fixed text, never the client's bytes
+            self._refuse(InvalidRequest(f"Malformed HTTP request ({exc}); the connection is closed."))
+        else:
+            if self._head_bytes != NO_HEAD:
+                self._count_head(len(data))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -155,6 +161,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset_message()
+        self._head_bytes = HEAD_BEGAN
         self._arm(self._settings.header_timeout, self._slow_client)
 
     def on_url(self, url: bytes) -> None:
@@ -171,12 +178,19 @@ class HttpServerProtocol(asyncio.Protocol):
             self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = NO_HEAD
         if self._refused is not None:
             self._refuse(self._refused)
             return
         length = self._content_length()
         if length is not None and length > self._settings.max_body_bytes:
             self._refuse(self._too_large())
+            return
+        if length is None and not self._framing_sound():
+            self._refuse(InvalidRequest(
+                "Transfer-Encoding must be exactly 'chunked' (and HTTP/1.1); send the body with Content-Length "
+                "or chunked. The connection is closed."
+            ))  # fmt: skip
             return
         self._arm(self._settings.body_timeout, self._slow_client)
         expect = self._header(b"expect")
@@ -291,8 +305,23 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def _headers_too_large(self) -> None:
         if self._refused is None:
-            self._refused = HeadersTooLarge(f"Request line and headers exceed {self._settings.max_header_bytes} bytes.")
+            self._refused = self._head_too_large()
             self._headers = []
+
+    def _head_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"Request line and headers exceed {self._settings.max_header_bytes} bytes (limits.max_header_bytes)."
+        )
+
+    def _count_head(self, size: int) -> None:
+        """Bound the head as it arrives: llhttp holds a header line back until it ends, so a line that never
+        ends would grow without limit before `on_header` could count it."""
+        if self._head_bytes == HEAD_BEGAN:  # not counted: part of that read may be an earlier pipelined request
+            self._head_bytes = 0
+            return
+        self._head_bytes += size
+        if self._head_bytes > self._settings.max_header_bytes:
+            self._refuse(self._head_too_large())
 
     def _content_length(self) -> int | None:
         value = self._header(b"content-length")
@@ -302,6 +331,15 @@ class HttpServerProtocol(asyncio.Protocol):
             return int(value)
         except ValueError:
             return None
+
+    def _framing_sound(self) -> bool:
+        """False when Transfer-Encoding leaves the body's end in doubt: a coding other than plain `chunked`
+        (which the gateway would have to decode or guess), or any coding on HTTP/1.0 (RFC 9112 §6.1, §6.3).
+        llhttp already refuses Content-Length together with Transfer-Encoding, and repeated codings."""
+        coding = self._header(b"transfer-encoding")
+        if coding is None:
+            return True
+        return coding.strip().lower() == b"chunked" and self._parser.get_http_version() != "1.0"
 
     def _header(self, name: bytes) -> bytes | None:
         for key, value in self._headers:

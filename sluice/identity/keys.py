@@ -41,6 +41,7 @@ COLUMNS = (
     "created_at, expires_at, revoked_at, rotated_at, log_bodies, cache"
 )
 KeyState = Literal["active", "revoked", "expired"]
+MAX_LIMIT = 2**31 - 1  # the limit columns are 32-bit integers
 
 
 class KeyStoreError(Exception):
@@ -165,8 +166,9 @@ class KeyStore:
     ) -> tuple[str, KeyRecord]:
         """A new key (returned this once) and its record; naive `expires_at` is taken as UTC."""
         now = self._clock()
-        expires_at = None if expires_at is None else _aware(expires_at)
-        _check_settings(name, models, (requests_per_minute, tokens_per_minute, max_concurrency), expires_at, now)
+        expires_at = None if expires_at is None else _expiry(expires_at)
+        limits = (requests_per_minute, tokens_per_minute, max_concurrency)
+        _check_settings(name, models, tenant, limits, expires_at, now)
         key = new_key()
         record = KeyRecord(
             id=ID_PREFIX + "".join(secrets.choice(KEY_ALPHABET) for _ in range(ID_CHARS)),
@@ -280,9 +282,17 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _expiry(value: datetime) -> datetime:
+    try:
+        return _aware(value)
+    except OverflowError:  # an offset that takes it past year 1 or 9999 in UTC
+        raise InvalidKeyRequest(f"expiry {value.isoformat()} is out of range") from None
+
+
 def _check_settings(
     name: str,
     models: Sequence[str] | None,
+    tenant: str | None,
     limits: tuple[int | None, ...],
     expires_at: datetime | None,
     now: datetime,
@@ -291,7 +301,9 @@ def _check_settings(
         raise InvalidKeyRequest(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     if isinstance(models, str) or (models is not None and (not models or not all(models))):
         raise InvalidKeyRequest("models must list at least one model name (or be left out: every model)")
-    if any(limit is not None and limit < 1 for limit in limits):
-        raise InvalidKeyRequest("limits must be at least 1 (or left out: unlimited)")
+    if any(limit is not None and not 1 <= limit <= MAX_LIMIT for limit in limits):
+        raise InvalidKeyRequest(f"limits must be at least 1 and at most {MAX_LIMIT} (or left out: unlimited)")
+    if "\x00" in (tenant or "") or any("\x00" in model for model in models or ()):
+        raise InvalidKeyRequest("tenant and model names cannot contain NUL characters")  # PostgreSQL text cannot
     if expires_at is not None and expires_at <= now:
         raise InvalidKeyRequest(f"expiry {expires_at.isoformat()} is not in the future")

@@ -32,7 +32,9 @@ from sluice.upstream.pool import ConnectFailure
 
 log = logging.getLogger("sluice.dispatch")
 EVENT_STREAM = b"text/event-stream"
-# Headers that describe the client's connection or credentials, never forwarded to a backend.
+# Headers that describe the client's connection or credentials, never forwarded to a backend: the hop-by-hop
+# ones (RFC 9110 §7.6.1; also every `proxy-*` header and each header the client's `Connection` names), the
+# framing the gateway writes itself, and the client's credentials (a backend gets its own `api_key` instead).
 NOT_FORWARDED = frozenset(
     {
         b"host", b"authorization", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection",
@@ -40,6 +42,7 @@ NOT_FORWARDED = frozenset(
         b"content-type", b"x-request-id",
     }
 )
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # the usual Connection values, naming no other header
 
 
 class AdapterGone(UpstreamError):
@@ -212,9 +215,20 @@ class Dispatcher:
             b"x-request-id: ", ctx.writer.request_id, b"\r\n",
         ]
         traceparent = ctx.traceparent
+        first = len(parts)
+        named: set[bytes] | None = None  # the headers the client's Connection header names
         for name, value in ctx.request.headers:
-            if name not in NOT_FORWARDED and not (traceparent and name == b"traceparent"):
+            if name in NOT_FORWARDED:
+                if name == b"connection" and value.lower() not in PLAIN_CONNECTION:
+                    named = (named or set()) | {option.strip().lower() for option in value.split(b",")}
+            elif not (name.startswith(b"proxy-") or (traceparent and name == b"traceparent")):
                 parts += (name, b": ", value, b"\r\n")
+        if named:  # may come after the headers it names: drop those now (four parts per header)
+            forwarded = parts[first:]
+            del parts[first:]
+            for i in range(0, len(forwarded), 4):
+                if forwarded[i] not in named:
+                    parts += forwarded[i : i + 4]
         if traceparent:
             parts += (b"traceparent: ", traceparent, b"\r\n")
         return b"".join(parts)

@@ -1,6 +1,7 @@
 """Matches the request to a route: unknown paths get 404, wrong methods 405 with `Allow`.
 
-Routes are exact paths, plus prefixes for paths that carry an id (`/admin/keys/<id>/revoke`).
+Routes are exact paths, plus prefixes for paths that carry an id (`/admin/keys/<id>/revoke`). With a
+separate admin listener each listener's ingress knows only its own routes, so the other's answer 404.
 """
 
 from __future__ import annotations
@@ -12,13 +13,26 @@ from sluice.errors import MethodNotAllowed, NotFound
 
 
 class IngressStage:
-    def __init__(self, routes: Mapping[str, Route], prefixes: Mapping[str, Route] | None = None) -> None:
-        self._routes = dict(routes)
-        self._prefixes = tuple((prefix, route) for prefix, route in (prefixes or {}).items())
+    def __init__(
+        self, routes: Mapping[str, Route], prefixes: Mapping[str, Route] | None = None, admin: bool | None = None
+    ) -> None:
+        """`admin`: None serves every route; True only the admin routes, False all but them (for a gateway
+        whose admin API has a listener of its own, `server.admin_port`)."""
+        self._routes = {path: route for path, route in routes.items() if admin is None or route.admin == admin}
+        self._prefixes = tuple(
+            (prefix, route) for prefix, route in (prefixes or {}).items() if admin is None or route.admin == admin
+        )
+
+    def route_for(self, path: str) -> Route | None:
+        """The route serving `path`, whatever the method (CORS preflights ask before they send)."""
+        route = self._routes.get(path)
+        if route is None:
+            route = next((r for prefix, r in self._prefixes if path.startswith(prefix)), None)
+        return route
 
     def check(self, ctx: RequestContext) -> None:
         request = ctx.request
-        route = self._routes.get(request.path)
+        route = self._routes.get(request.path)  # `route_for` inlined: this runs on every request
         if route is None:
             route = next((r for prefix, r in self._prefixes if request.path.startswith(prefix)), None)
         if route is None:

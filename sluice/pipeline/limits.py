@@ -142,7 +142,7 @@ class LimitsCheck:
         self._apply(ctx, verdict, tokens, lease)
 
     def _apply(self, ctx: RequestContext, verdict: Verdict, tokens: Quota | None, lease: Lease | None) -> None:
-        ctx.writer.extra = _headers(verdict)
+        ctx.writer.extra += _headers(verdict)  # after what earlier stages added (CORS)
         ctx.rate_limit = "fail_open" if verdict.degraded else "allowed"
         if not verdict.allowed:
             ctx.rate_limit = "limited"

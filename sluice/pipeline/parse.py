@@ -14,6 +14,8 @@ from sluice.context import RequestContext
 from sluice.errors import GatewayError, InvalidJSON, InvalidRequest
 from sluice.pipeline.validation import CHECKS
 
+MAX_NESTING = 254  # levels of arrays and objects orjson can write back (it reads 1024): deeper is refused
+
 
 class Forbidden(GatewayError):
     status = 403
@@ -37,6 +39,8 @@ class ParseStage:
             raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
+        if raw.count(b"[") + raw.count(b"{") > MAX_NESTING:  # cheap: only then can it be nested too deeply
+            _check_nesting(body)
         CHECKS[route](body)
         model: str = body["model"]
         principal = ctx.principal
@@ -44,10 +48,18 @@ class ParseStage:
             raise Forbidden(f"This API key may not use the model '{model}'.", param="model")
         ctx.body = body
         ctx.model = model
-        if body.get("stream") is True:
+        if body.get("stream") is True and route != "embeddings":  # embeddings are never streamed
             ctx.stream = True
             options = body.get("stream_options") or {}
             ctx.include_usage = options.get("include_usage") is True
             if not ctx.include_usage:
                 body["stream_options"] = {**options, "include_usage": True}
                 ctx.payload = orjson.dumps(body)
+
+
+def _check_nesting(body: dict[str, Any]) -> None:
+    """Refuse a body nested too deeply to be written again (stream options, cache keys, fallbacks do)."""
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(f"The request body nests arrays and objects over {MAX_NESTING} levels deep.") from None

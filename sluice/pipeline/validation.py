@@ -18,6 +18,7 @@ def _bad(param: str, message: str) -> InvalidRequest:
 
 NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 POSITIVE_INTEGERS = ("max_tokens", "max_completion_tokens", "n")
+PROMPT_ITEMS = (str, int, list)  # strings, token ids, arrays of token ids
 
 
 def _common(body: dict[str, Any]) -> None:
@@ -62,7 +63,7 @@ def check_completion(body: dict[str, Any]) -> None:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str | int | list) for p in prompt):
+    if isinstance(prompt, list) and prompt and all(type(p) in PROMPT_ITEMS for p in prompt):  # not bools
         return
     raise _bad("prompt", "'prompt' is required and must be a string or an array of strings or token ids.")
 

@@ -80,7 +80,9 @@ class InferenceHandlers:
         stats = self._engine.stats
         settings = self._engine.settings
         stats.requests_total += 1
-        stats.last_request_headers = {str(k): v for k, v in request.headers.items()}  # keys are istr
+        # Keys are istr; a repeated header's values are joined (as HTTP combines them), so duplicates show.
+        headers = request.headers
+        stats.last_request_headers = {str(k): ", ".join(headers.getall(k)) for k in headers}
         stats.last_request_body = None
         body = parse_json(await request.read())
         stats.last_request_body = body

@@ -447,3 +447,36 @@ async def test_admin_usage_without_a_database(tmp_path: Path, fake: StartFake, g
     )
     status, error = await get(gw, "/admin/usage")
     assert status == 503 and "audit" in error["error"]["message"] and "database" in error["error"]["message"]
+
+
+async def test_a_caller_sees_its_own_usage_and_nobody_elses(
+    tmp_path: Path, fake: StartFake, gateway: StartGateway
+) -> None:
+    url = f"sqlite:///{tmp_path}/gateway.db"
+    db = await empty_database(url)
+    try:
+        await seed(db)
+        # A token whose subject imitates bob's caller id: a looser match on names would hand it bob's rows.
+        await insert(db, ("jwt:https://idp.example:static:bob", "static:bob"), "base", latency=5)
+    finally:
+        await db.close()
+    gw = await gateway(
+        [await fake("base")],
+        health=HEALTH,
+        auth={"api_keys": [{"name": "bob", "key": API_KEY}], "admin_key": ADMIN, "key_secret": SECRET},
+        database={"url": url},
+        audit={"journal_dir": str(tmp_path / "journal")},
+    )
+    window = f"since={SINCE.isoformat()}&until={UNTIL.isoformat()}".replace("+", "%2B")
+
+    status, own = await get(gw, f"/v1/usage?{window}", key=API_KEY)
+    assert status == 200, own
+    assert [(r["key_id"], r["model"], r["requests"]) for r in own["data"]] == [("static:bob", "base", 2)]
+    status, everyone = await get(gw, f"/admin/usage?{window}")  # the operator sees the impostor's row too
+    assert status == 200 and len(everyone["data"]) == 5
+    status, error = await get(gw, f"/v1/usage?{window}&key=alice", key=API_KEY)
+    assert status == 400 and error["error"]["param"] == "key"  # no parameter widens a caller's report
+    status, daily = await get(gw, f"/v1/usage?{window}&daily=1&model=base", key=API_KEY)
+    assert status == 200 and daily["data"] == []
+    assert (await get(gw, "/v1/usage", key="sk-not-a-key-000000"))[0] == 401
+    assert (await get(gw, "/v1/usage"))[0] == 401  # the admin key is not an API key
