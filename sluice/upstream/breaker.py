@@ -7,7 +7,9 @@ more. open → rejects for
 many successes close it, any failure reopens it. Failures are what a retry elsewhere would be tried for:
 connect errors, timeouts, 5xx, streams cut by the backend. The clock is injected, so the state machine is
 tested with property tests rather than sleeps. Each backend has one for itself and one per model it serves
-(`model` set); the dispatcher decides which outcome counts where.
+(`model` set); the dispatcher decides which outcome counts where. A backend that the health checks saw go
+down and come back (a restarted engine) need not wait out `recovery_timeout`: its own circuit goes
+half-open at once (`health_recovered`), so the next requests probe it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ class CircuitBreaker:
             self._move(State.HALF_OPEN)
         if self.state is State.HALF_OPEN:
             self.probes_in_flight += 1
+
+    def health_recovered(self) -> None:
+        """An active health check passed again after failing: probe now instead of after `recovery_timeout`.
+
+        Half-open, not closed: the first requests decide, and any failure opens the circuit again.
+        """
+        if self.state is State.OPEN:
+            self._move(State.HALF_OPEN)
 
     def abandon(self) -> None:
         """An attempt ended without an outcome (the client left): free its probe slot."""

@@ -98,6 +98,8 @@ class BackendMonitor:
             changed = True
             if ok:
                 backend.failures = 0
+                if backend.breaker is not None:
+                    backend.breaker.health_recovered()  # a restarted engine takes probes at once
                 log.info("backend up", extra={"backend": backend.name, "models": sorted(backend.models)})
             else:
                 log.warning("backend down", extra={"backend": backend.name, "reason": reason})

@@ -189,6 +189,30 @@ async def test_engine_reported_load_is_scraped_used_and_exported(fake: StartFake
             (await request).close()
 
 
+async def test_a_restarted_backend_takes_traffic_when_its_health_check_passes(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    """Its circuit opened while it was down; a passed health check half-opens it, not recovery_timeout."""
+    port = free_port()
+    restarted = await start_fake_vllm(FakeVLLMSettings(model="base", port=port))
+    steady = await fake("base")
+    gw = await gateway(
+        [restarted, steady], breaker={"failure_threshold": 1, "recovery_timeout": 60},
+        routing={"strategy": "round_robin", "retries": 1},
+    )  # fmt: skip
+    await restarted.close()
+    assert [(await post(gw.url, CHAT))[0] for _ in range(4)] == [200] * 4  # retried on `steady`
+    breaker = gw.backends.by_name["b0"].breaker
+    assert breaker is not None and breaker.state == 2  # open, for a minute
+    restarted = await start_fake_vllm(FakeVLLMSettings(model="base", port=port))
+    try:
+        await asyncio.sleep(0.6)  # health checks every 0.2 s
+        assert [(await post(gw.url, CHAT))[0] for _ in range(6)] == [200] * 6
+        assert restarted.stats.completed >= 2 and breaker.state == 0  # probed, then closed
+    finally:
+        await restarted.close()
+
+
 async def test_circuit_opens_on_failures_moves_traffic_and_closes_after_probes(
     fake: StartFake, gateway: StartGateway
 ) -> None:

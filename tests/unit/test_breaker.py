@@ -129,3 +129,25 @@ def test_failure_rate_opens_without_a_streak() -> None:
         breaker.record(ok)
         now[0] += 1
     assert breaker.state is State.OPEN
+
+
+def test_a_passed_health_check_half_opens_at_once_and_a_failed_probe_reopens() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker("b", CONFIG, clock=lambda: now[0])
+    breaker.health_recovered()
+    assert breaker.state is State.CLOSED  # nothing to recover from
+    for _ in range(3):
+        breaker.on_attempt()
+        breaker.record(False)
+    now[0] = 1.0  # long before recovery_timeout (10 s)
+    breaker.health_recovered()
+    assert breaker.state is State.HALF_OPEN and breaker.available()
+    breaker.on_attempt()
+    breaker.record(False)
+    assert breaker.state is State.OPEN and not breaker.available()  # the probes still decide
+    breaker.health_recovered()
+    breaker.on_attempt()
+    breaker.on_attempt()
+    breaker.record(True)
+    breaker.record(True)
+    assert breaker.state is State.CLOSED
