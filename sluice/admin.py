@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,7 +62,8 @@ class AdminKeys:
     async def collection(self, ctx: RequestContext) -> None:
         store = self._store()
         if ctx.request.method == "GET":
-            records = await store.list(include_revoked="all=1" in (ctx.request.query or ""))
+            query = parse_qs(ctx.request.query or "", keep_blank_values=True)
+            records = await store.list(include_revoked=query.get("all") == ["1"])
             ctx.writer.send(200, orjson.dumps({"object": "list", "data": [_public(r) for r in records]}))
             return
         wanted = parse_body(ctx.request.body, NewKey)

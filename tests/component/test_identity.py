@@ -70,6 +70,9 @@ async def test_managed_key_lifecycle_over_the_admin_api(
     status, revoked = await call(gw, "POST", "/admin/keys/team-a/revoke", ADMIN)
     assert status == 200 and revoked["revoked_at"]
     assert await chat(gw, rotated["key"], "medical") == unknown  # at once, despite the cache
+    assert (await call(gw, "GET", "/admin/keys", ADMIN))[1]["data"] == []  # revoked keys only with ?all=1
+    assert [k["name"] for k in (await call(gw, "GET", "/admin/keys?all=1", ADMIN))[1]["data"]] == ["team-a"]
+    assert (await call(gw, "GET", "/admin/keys?xall=10", ADMIN))[1]["data"] == []  # not a substring match
     assert (await call(gw, "POST", "/admin/keys", API_KEY, {"name": "x"}))[0] == 401  # API keys are not admin
     assert (await call(gw, "POST", "/admin/keys", ADMIN, {"name": "bad name!"}))[0] == 400
     assert (await call(gw, "POST", "/admin/keys", ADMIN, {"name": "team-b", "rpm": 5}))[0] == 400
