@@ -30,6 +30,7 @@ from sluice.identity.keys import DuplicateName, InvalidKeyRequest, KeyNotFound, 
 from sluice.identity.managed import ManagedKeys
 
 PREFIX = "/admin/keys"
+LIMIT_MAX = 2**31 - 1  # the key store's limit columns are 32-bit (also checked by KeyStore for the CLI)
 
 
 class Conflict(GatewayError):
@@ -44,9 +45,9 @@ class NewKey(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     models: list[str] | None = None
     tenant: str | None = None
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    max_concurrency: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1, le=LIMIT_MAX)
+    tokens_per_minute: int | None = Field(None, ge=1, le=LIMIT_MAX)
+    max_concurrency: int | None = Field(None, ge=1, le=LIMIT_MAX)
     expires_at: datetime | None = None
     log_bodies: bool = False
     cache: bool = True
