@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice.admin import AdminKeys
+from sluice.admin_backends import AdminBackends
 from sluice.admin_cache import AdminCache
 from sluice.admin_usage import AdminUsage
 from sluice.audit.capture import RecordBuilder
@@ -24,8 +25,13 @@ from sluice.cache.embedders import make_embedder
 from sluice.cache.service import ResponseCache
 from sluice.cache.stores import make_store
 from sluice.config import BackendConfig, SluiceConfig
+from sluice.console.pages import ConsolePages
+from sluice.console.session import ConsoleSessions
+from sluice.console.state import ConsoleState
+from sluice.console.traffic import TrafficSampler
 from sluice.context import Handler, RequestContext
 from sluice.deadlines import Deadlines
+from sluice.drains import Drains
 from sluice.http.request import HttpRequest
 from sluice.http.response import ResponseWriter
 from sluice.http.server import HttpServerProtocol, RequestIds, ServerSettings
@@ -114,11 +120,11 @@ class Gateway:
             from sluice.tracing import Tracing  # OpenTelemetry is loaded only when tracing is on
 
             self.tracing = Tracing(config.tracing)
-        self.repair = (
-            Repair(config.repair, self.backends, self.metrics, config.redis.url, config.redis.key_prefix)
-            if config.repair.enabled
-            else None
-        )
+        repair = config.repair  # drains are shared through Redis when repair runs (sluice/drains.py)
+        shared = config.redis.url if repair.enabled else None
+        self.drains = Drains(self.backends, shared, config.redis.key_prefix, repair.sync_interval)
+        self.repair = Repair(repair, self.drains, self.backends, self.metrics) if repair.enabled else None
+        self.traffic = TrafficSampler(self.metrics)  # the console's series; runs while the console is on
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self.retriever = self._new_retriever(config)
@@ -215,6 +221,17 @@ class Gateway:
         local.handlers.update(admin_cache=cache_admin.status, admin_cache_purge=cache_admin.purge)
         local.handlers["admin_alerts"] = self.repair.receive if self.repair is not None else repair_off
         local.handlers["openapi"] = self.openapi.serve
+        local.handlers["admin_backend"] = AdminBackends(self.backends, self.drains).item
+        sessions = self._console_sessions(config)
+        pages = ConsolePages(sessions, self.metrics)
+        state = ConsoleState(sessions is not None, self.backends, self.traffic, local.aliases)
+        local.handlers.update(
+            console=pages.shell,
+            console_static=pages.static,
+            console_login=pages.login,
+            console_logout=pages.logout,
+            console_state=state.serve,
+        )
 
         def terminal(ctx: RequestContext) -> Awaitable[None]:
             route = ctx.route
@@ -247,7 +264,7 @@ class Gateway:
                     *([CorsStage(cors, ingress.route_for)] if cors is not None else []),  # marks 404s too
                     ingress,
                     *gate,
-                    AuthStage(config.auth, self.metrics, self.managed, self.jwt),
+                    AuthStage(config.auth, self.metrics, self.managed, self.jwt, sessions),
                     ParseStage(),
                     self._limits,
                     *media,  # after the limits: the host lookups it may make are paid for like requests
@@ -260,6 +277,13 @@ class Gateway:
         if config.server.admin_port is None:
             return chain(IngressStage(PATHS, PREFIXES)), None
         return chain(IngressStage(PATHS, PREFIXES, admin=False)), chain(IngressStage(PATHS, PREFIXES, admin=True))
+
+    @staticmethod
+    def _console_sessions(config: SluiceConfig) -> ConsoleSessions | None:
+        """The console's sessions, signed with the admin key (a new key ends them); None while it is off."""
+        if not config.console.enabled or not config.auth.admin_key:
+            return None
+        return ConsoleSessions(config.auth.admin_key, config.console.session_ttl)
 
     async def reload(self, new: SluiceConfig) -> dict[str, object]:
         """Apply a new configuration's live sections without dropping a connection (see sluice/reload.py).
@@ -299,8 +323,7 @@ class Gateway:
         names = {b.name for b in wanted}
         retired = [b for b in current.values() if b.name not in names or b.name in made]
         self.backends.replace((made.get(b.name) or current[b.name] for b in wanted), self.config.adapters.registry)
-        if self.repair is not None:
-            self.repair.apply()  # replaced backends start undrained
+        self.drains.apply()  # replaced backends start undrained
         for backend in fresh:
             self._deadlines.add(backend.pool)
         for backend in retired:
@@ -398,8 +421,9 @@ class Gateway:
             await self.cache.start()
         if self.worker_metrics is not None:
             await self.worker_metrics.start()
-        if self.repair is not None:
-            await self.repair.start()
+        await self.drains.start()
+        if self._console_sessions(self.config) is not None:
+            await self.traffic.start()
         if self.retriever is not None:
             await self.retriever.start()
         self._chain, self._admin_chain = self._build_chains(self.config)
@@ -513,8 +537,8 @@ class Gateway:
             await self.revocations.close()
         if self.worker_metrics is not None:
             await self.worker_metrics.close()
-        if self.repair is not None:
-            await self.repair.close()
+        await self.drains.close()
+        await self.traffic.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.close)  # flushes the spans still queued
         if self.cache is not None:

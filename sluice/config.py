@@ -442,6 +442,13 @@ class RepairConfig(Section):
     sync_interval: PositiveSeconds = 1.0  # how often each replica reads the drains shared in Redis
 
 
+class ConsoleConfig(Section):
+    """The operator console at /console (sluice/console/), behind the admin credential (docs/console.md)."""
+
+    enabled: bool = True  # also needs auth.admin_key; without one the console answers 404
+    session_ttl: int = Field(28800, ge=60, le=7 * 86400)  # seconds a console login lasts
+
+
 class TracingConfig(Section):
     """OpenTelemetry traces over OTLP/HTTP (sluice/tracing.py); off while `otlp_endpoint` is unset."""
 
@@ -536,6 +543,7 @@ class SluiceConfig(Section):
     audit: AuditConfig = AuditConfig()
     cache: CacheConfig = CacheConfig()
     repair: RepairConfig = RepairConfig()
+    console: ConsoleConfig = ConsoleConfig()
     rag: RagConfig = RagConfig()
     tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -37,7 +37,7 @@ class Principal:
     name: str
     models: frozenset[str] | None = None  # None: every model
     subject: str = ""
-    kind: str = "static"  # static | managed | jwt | admin
+    kind: str = "static"  # static | managed | jwt | admin | console (a console session, sluice/console/)
     tenant: str | None = None
     user: str | None = None
     scopes: frozenset[str] = frozenset()
@@ -54,6 +54,13 @@ class Route:
     proxied: bool  # forwarded to a backend (needs a JSON body with a model)
     upstream_path: bytes = b""
     admin: bool = False  # needs the admin credential (auth.admin_key), not an API key
+    admin_listener: bool = False  # public, but served where the admin routes are (the console's pages)
+    audited: bool = True  # recorded in the audit log (public routes never are; nor the console's polls)
+
+    @property
+    def on_admin_listener(self) -> bool:
+        """Served by the admin listener when `server.admin_port` gives the admin routes one of their own."""
+        return self.admin or self.admin_listener
 
 
 class RequestContext:

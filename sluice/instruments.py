@@ -9,7 +9,7 @@ numbers, updated only from the event loop's thread (so no lock is needed), find 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import ItemsView, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -59,6 +59,10 @@ class Counter(_Instrument):
             found = self._children.setdefault(key, CounterChild())
         return found
 
+    def series(self) -> ItemsView[tuple[str, ...], CounterChild]:
+        """Every label set and its child, live (read from the event loop's thread only)."""
+        return self._children.items()
+
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         for labels, child in self._children.items():
@@ -78,6 +82,10 @@ class Histogram(_Instrument):
             key = labels if len(self._children) < MAX_SERIES else self._overflow
             found = self._children.setdefault(key, HistogramChild(self.buckets))
         return found
+
+    def series(self) -> ItemsView[tuple[str, ...], HistogramChild]:
+        """Every label set and its child, live (read from the event loop's thread only)."""
+        return self._children.items()
 
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)

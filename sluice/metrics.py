@@ -36,6 +36,12 @@ class GatewayMetrics:
             "sluice_request_duration_seconds", "Time from request received to response finished.",
             ["route"], LATENCY_BUCKETS,
         )
+        # Kept for the console's per-model latency (sluice/console/traffic.py), not exported: Prometheus has
+        # the per-route duration, and a per-model one would multiply its series by the models' count.
+        self.model_duration = Histogram(
+            "sluice_model_request_duration_seconds", "Time from request received to response finished, by model.",
+            ["model"], LATENCY_BUCKETS,
+        )
         self.ttft = Histogram(
             "sluice_time_to_first_token_seconds", "Time from request received to the first streamed token.",
             ["model"], TTFT_BUCKETS,

@@ -17,6 +17,7 @@ from sluice.context import RequestContext, Route
 from sluice.openapi_schemas import (
     BOOLEAN,
     INTEGER,
+    NUMBER,
     SCHEMAS,
     STRING,
     Schema,
@@ -32,7 +33,10 @@ JSON = "application/json"
 DESCRIPTION = (
     "An OpenAI-compatible gateway in front of vLLM. Every response carries `X-Request-Id`; every error is "
     "OpenAI's error body. With `server.admin_port` set, `/admin/*` is served on that listener only (404 on the "
-    "API's). With `cors.allow_origins` set, `OPTIONS` preflights from listed origins get 204 without a credential."
+    "API's). With `cors.allow_origins` set, `OPTIONS` preflights from listed origins get 204 without a credential. "
+    "The operator console (`/console`, on the admin listener when there is one) logs in with the admin key and "
+    "keeps a session cookie, `sluice_console`, which stands for the admin credential on admin routes and for a "
+    "caller on API routes when a request has no `Authorization` header and carries `X-Sluice-Console: 1`."
 )
 ERRORS = {
     400: "The request is malformed: bad HTTP, JSON that does not parse or nests over 254 levels, a field of the "
@@ -44,7 +48,8 @@ ERRORS = {
     "admin API without `auth.admin_key`, the cache, repair, managed keys).",
     405: "The method is not allowed here; `Allow` lists those that are.",
     408: "The client sent the request line, headers or body too slowly.",
-    409: "Conflict with the stored state: a key name in use, or rotating a revoked key.",
+    409: "Conflict with the stored state: a key name in use, rotating a revoked key, or draining the last healthy "
+    "backend of a model.",
     413: "The body exceeds `limits.max_body_bytes`.",
     415: "The body is not JSON.",
     429: "A rate limit refused the request; `Retry-After` says when to try again.",
@@ -78,7 +83,7 @@ def _body(name: str, description: str = "") -> Schema:
 
 
 def _proxied(summary: str, request: str, answer: str, chunk: str | None) -> Schema:
-    ok = _json(ref(answer), headers=("X-Sluice-Model", "X-Sluice-Cache"))
+    ok = _json(ref(answer), headers=("X-Sluice-Model", "X-Sluice-Cache", "X-Sluice-Backend"))
     if chunk is not None:
         ok["description"] = (
             "The answer; with `stream: true` server-sent events (the schema describes one), each `data:` a chunk, "
@@ -100,6 +105,92 @@ KEY_PARAMETER = {
     "schema": {"type": "string", "minLength": 1},
 }
 CONFLICT = (*ADMIN_ERRORS, 409)
+BACKEND_PARAMETER = {
+    "name": "backend",
+    "in": "path",
+    "required": True,
+    "description": "The backend's name (`backends[].name`, or a discovered pod's).",
+    "schema": {"type": "string", "minLength": 1},
+}
+DRAIN_STATE = {
+    "200": _json(
+        json_object(
+            {"name": STRING, "drained": BOOLEAN, "drained_by": {"type": "array", "items": STRING}},
+            ("name", "drained", "drained_by"),
+        )
+    )
+}
+CONSOLE_ERRORS = (*PROTOCOL, 404)  # 404: the console is off (no admin key, or console.enabled: false)
+HTML = "text/html"
+
+
+def _see_other(description: str) -> Schema:
+    """A 303 to the console page (login and logout answer a form with one)."""
+    return {
+        "description": description,
+        "headers": {
+            "X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"},
+            "Location": {"schema": STRING, "description": "`/console`, or `/console#login-failed`."},
+            "Set-Cookie": {
+                "schema": STRING,
+                "description": "`sluice_console=<session>; Path=/; HttpOnly; Secure; SameSite=Strict; "
+                "Max-Age=<console.session_ttl>` (cleared with `Max-Age=0` on logout; absent after a failed login).",
+            },
+        },
+    }
+
+
+TRAFFIC_POINT = json_object(
+    {
+        "t": NUMBER,
+        "rps": NUMBER,
+        "errors_per_s": NUMBER,
+        "rate_limited_per_s": NUMBER,
+        "cache_hit_rate": nullable(NUMBER),
+        "models": {
+            "type": "object",
+            "additionalProperties": json_object(
+                {
+                    "rps": NUMBER,
+                    **{
+                        name: nullable(NUMBER)
+                        for name in ("ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms")
+                    },
+                }
+            ),
+        },
+    }
+)
+CONSOLE_BACKEND = json_object(
+    {
+        "name": STRING,
+        "url": STRING,
+        "healthy": BOOLEAN,
+        "drained": BOOLEAN,
+        "drained_by": {"type": "array", "items": STRING},
+        "circuit": {"enum": ["closed", "open", "half_open", "disabled"]},
+        "model_circuits": {"type": "object", "additionalProperties": {"enum": ["closed", "open", "half_open"]}},
+        "in_flight": INTEGER,
+        "running": nullable(NUMBER),
+        "waiting": nullable(NUMBER),
+        "kv_cache_usage": nullable(NUMBER),
+        "models": {"type": "array", "items": STRING},
+        "adapters": {"type": "array", "items": STRING},
+        "last_error": STRING,
+    }
+)
+CONSOLE_STATE = json_object(
+    {
+        "refresh_seconds": NUMBER,
+        "server_time": NUMBER,
+        "version": STRING,
+        "backends": {"type": "array", "items": CONSOLE_BACKEND},
+        "models": {"type": "array", "items": STRING},
+        "rag_routes": {"type": "array", "items": STRING},
+        "traffic": json_object({"interval": NUMBER, "points": {"type": "array", "items": TRAFFIC_POINT}}),
+    },
+    ("refresh_seconds", "server_time", "version", "backends", "models", "rag_routes", "traffic"),
+)
 
 
 USAGE_REPORT = {
@@ -238,6 +329,82 @@ def _operations() -> dict[str, dict[str, Schema]]:
                 ),
             )
         },
+        "/admin/backends/{backend}/drain": {
+            "post": _operation(
+                "Drain a backend: no new requests, those in flight finish (409 for the last healthy backend of a "
+                "model); on every replica when repair shares drains through Redis",
+                DRAIN_STATE,
+                CONFLICT,
+                parameters=[BACKEND_PARAMETER],
+            )
+        },
+        "/admin/backends/{backend}/undrain": {
+            "post": _operation(
+                "Undrain a backend the console drained (alerts still draining it keep it drained)",
+                DRAIN_STATE,
+                ADMIN_ERRORS,
+                parameters=[BACKEND_PARAMETER],
+            )
+        },
+        "/console": {
+            "get": _operation(
+                "The operator console's page (no data in it; the data comes from `/console/api/state`)",
+                {"200": {"description": "OK", "content": {HTML: {"schema": STRING}}}},
+                CONSOLE_ERRORS,
+            )
+        },
+        "/console/static/{name}": {
+            "get": _operation(
+                "A script, style sheet, page or image of the console",
+                {
+                    "200": {
+                        "description": "OK",
+                        "content": {
+                            kind: {"schema": STRING} for kind in ("text/javascript", "text/css", HTML, "image/svg+xml")
+                        },
+                    }
+                },
+                CONSOLE_ERRORS,
+                parameters=[
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "description": "A file name; anything else is 404.",
+                        "schema": {"type": "string", "pattern": r"^[a-z0-9_-]+\.(js|css|html|svg)$"},
+                    }
+                ],
+            )
+        },
+        "/console/login": {
+            "post": _operation(
+                "Log in to the console with the admin key: a session cookie, or a redirect to `#login-failed`",
+                {"303": _see_other("See Other: back to the console")},
+                CONSOLE_ERRORS,
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": json_object({"admin_key": STRING}, ("admin_key",))
+                        }
+                    },
+                },
+            )
+        },
+        "/console/logout": {
+            "post": _operation(
+                "Log out of the console (clears the cookie)",
+                {"303": _see_other("See Other: back to the console")},
+                CONSOLE_ERRORS,
+            )
+        },
+        "/console/api/state": {
+            "get": _operation(
+                "What the console shows: backends, models, and this worker's traffic series",
+                {"200": _json(CONSOLE_STATE)},
+                ADMIN_ERRORS,
+            )
+        },
         "/admin/alerts": {
             "post": _operation(
                 "Alertmanager webhook: drain backends named by firing alerts, undrain on resolve",
@@ -287,6 +454,10 @@ def build_document() -> Schema:
                 "Retry-After": {"schema": STRING, "description": "Seconds to wait before trying again."},
                 "X-Sluice-Model": {"schema": STRING, "description": "The model that answered (after fallbacks)."},
                 "X-Sluice-Cache": {"schema": STRING, "description": "hit-exact, hit-semantic, miss or bypass."},
+                "X-Sluice-Backend": {
+                    "schema": STRING,
+                    "description": "The backend that answered; only on the console's requests, never on a cache hit.",
+                },
             },
             "securitySchemes": {
                 "apiKey": {
@@ -297,7 +468,8 @@ def build_document() -> Schema:
                 "adminKey": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "`auth.admin_key`; without one the admin routes answer 404.",
+                    "description": "`auth.admin_key`; without one the admin routes answer 404. The console's "
+                    "session cookie stands for it on requests with `X-Sluice-Console: 1` and no `Authorization`.",
                 },
             },
         },

@@ -20,7 +20,7 @@ from sluice.errors import InvalidRequest
 
 RESTART_ONLY = (
     "server", "timeouts", "limits", "health", "breaker", "logging", "database", "redis", "cache", "repair", "tracing",
-    "discovery",
+    "discovery", "console",
 )  # fmt: skip
 
 

@@ -33,6 +33,12 @@ LOCAL = (
     Route("admin_alerts", ("POST",), public=False, proxied=False, admin=True),  # sluice/repair.py
     Route("openapi", ("GET",), public=True, proxied=False),  # sluice/openapi.py
     Route("usage", ("GET",), public=False, proxied=False),  # the caller's own usage (sluice/admin_usage.py)
+    Route("console", ("GET",), public=True, proxied=False, admin_listener=True),  # sluice/console/pages.py
+    Route("console_static", ("GET",), public=True, proxied=False, admin_listener=True),
+    Route("console_login", ("POST",), public=True, proxied=False, admin_listener=True),
+    Route("console_logout", ("POST",), public=True, proxied=False, admin_listener=True),
+    Route("console_state", ("GET",), public=False, proxied=False, admin=True, audited=False),  # a poll
+    Route("admin_backend", ("POST",), public=False, proxied=False, admin=True),  # sluice/admin_backends.py
 )
 PATHS = {
     "/v1/chat/completions": PROXIED[0],
@@ -51,8 +57,16 @@ PATHS = {
     "/admin/alerts": LOCAL[11],
     "/openapi.json": LOCAL[12],
     "/v1/usage": LOCAL[13],
+    "/console": LOCAL[14],
+    "/console/login": LOCAL[16],
+    "/console/logout": LOCAL[17],
+    "/console/api/state": LOCAL[18],
 }
-PREFIXES = {"/admin/keys/": LOCAL[7]}  # /admin/keys/<id or name>[/revoke|/rotate]
+PREFIXES = {
+    "/admin/keys/": LOCAL[7],  # /admin/keys/<id or name>[/revoke|/rotate]
+    "/console/static/": LOCAL[15],  # /console/static/<name>
+    "/admin/backends/": LOCAL[19],  # /admin/backends/<name>/drain|undrain
+}
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 LocalHandler = Callable[[RequestContext], Awaitable[None]]
 Reload = Callable[[], Awaitable[dict[str, object]]]
@@ -73,7 +87,7 @@ class LocalRoutes:
     ) -> None:
         """`render_metrics`: the page for `/metrics` when it must cover several workers (metrics_workers.py);
         `aliases`: model names answered by another model (RAG routes: name -> base model)."""
-        self._aliases = dict(aliases or {})
+        self.aliases = dict(aliases or {})
         self._render_metrics = render_metrics
         self._draining = draining
         self._reload = reload
@@ -91,8 +105,8 @@ class LocalRoutes:
 
     async def models(self, ctx: RequestContext) -> None:
         cards = self._backends.healthy_models()
-        if self._aliases:
-            cards += _alias_cards(cards, self._aliases)
+        if self.aliases:
+            cards += _alias_cards(cards, self.aliases)
         allowed = ctx.principal.models if ctx.principal is not None else None
         if allowed is not None:
             cards = [card for card in cards if card["id"] in allowed]

@@ -9,6 +9,11 @@ waits once. Unknown, revoked and expired keys all get the same 401, which reveal
 
 Admin routes (`/admin/*`) take only the admin credential (`auth.admin_key`), API routes only API keys;
 with no admin key configured the admin routes answer 404.
+
+A console session (sluice/console/session.py) stands for the admin credential on admin routes and for a
+caller on API routes (principal kind "console": every model, no limits of its own), but only on requests
+without an `Authorization` header that carry `X-Sluice-Console: 1`, which a cross-site form cannot send.
+The cookie is only looked at when there is no bearer credential, so API calls pay nothing for it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 from collections.abc import Awaitable
 
 from sluice.config import AuthConfig
+from sluice.console.session import CONSOLE_HEADER, ConsoleSessions, session_cookie
 from sluice.context import Limits, Principal, RequestContext
 from sluice.errors import NotFound, Unauthorized
 from sluice.identity.jwt import InvalidToken, JwtVerifier, looks_like_jwt
@@ -28,6 +34,7 @@ from sluice.metrics import GatewayMetrics
 log = logging.getLogger("sluice.auth")
 CHALLENGE = (("www-authenticate", 'Bearer realm="sluice"'),)
 ADMIN = Principal(name="admin", models=frozenset(), subject="admin", kind="admin")
+CONSOLE = Principal(name="console", models=None, subject="console", kind="console")
 MANAGED_PREFIX = b"sk-sluice-"
 
 
@@ -38,8 +45,11 @@ class AuthStage:
         metrics: GatewayMetrics,
         managed: ManagedKeys | None = None,
         jwt: JwtVerifier | None = None,
+        sessions: ConsoleSessions | None = None,
     ) -> None:
+        """`sessions`: console sessions, accepted as credentials while the console is on."""
         self._admin = hashlib.sha256(config.admin_key.encode()).digest() if config.admin_key else None
+        self._sessions = sessions
         self._metrics = metrics
         self._managed = managed
         self._jwt = jwt
@@ -61,11 +71,17 @@ class AuthStage:
     def check(self, ctx: RequestContext) -> Awaitable[None] | None:
         route = ctx.route
         if route is not None and route.admin:
-            ctx.principal = self.authenticate_admin(ctx.request.header(b"authorization"))
+            header = ctx.request.header(b"authorization")
+            if header is None and self._sessions is not None and self._console_request(ctx):
+                return None
+            ctx.principal = self.authenticate_admin(header)
             return None
         if route is not None and route.public:
             return None
-        token = self._bearer(ctx.request.header(b"authorization"))
+        header = ctx.request.header(b"authorization")
+        if header is None and self._sessions is not None and self._console_request(ctx):
+            return None
+        token = self._bearer(header)
         digest = hashlib.sha256(token).digest()
         found = self._by_digest.get(digest)
         if found is not None and hmac.compare_digest(found[0], digest):
@@ -102,6 +118,18 @@ class AuthStage:
             log.info("bearer token refused", extra={"request_id": ctx.request_id, "reason": invalid.reason})
             self._metrics.auth_failures.child("jwt").inc()
             raise
+
+    def _console_request(self, ctx: RequestContext) -> bool:
+        """A request from the console's page: its session must be valid (401 otherwise). False: not one."""
+        request = ctx.request
+        if request.header(CONSOLE_HEADER) != b"1":
+            return False
+        token = session_cookie(request.header(b"cookie"))
+        assert self._sessions is not None
+        if token is None or not self._sessions.valid(token):
+            raise self._refuse("console_session")
+        ctx.principal = CONSOLE
+        return True
 
     def _refuse(self, reason: str) -> Unauthorized:
         self._metrics.auth_failures.child(reason).inc()

@@ -298,11 +298,11 @@ class Dispatcher:
             ctx.capture[:] = body[: self._body_cap]
         if ctx.cache_capture is not None:
             ctx.cache_capture += body
-        ctx.writer.send(exchange.status, body, headers=(("x-sluice-model", ctx.served_model or ctx.model),))
+        ctx.writer.send(exchange.status, body, headers=_answer_headers(ctx))
 
     async def _relay(self, ctx: RequestContext, exchange: Exchange) -> None:
         writer = ctx.writer
-        writer.start(exchange.status, EVENT_STREAM, (("x-sluice-model", ctx.served_model or ctx.model),))
+        writer.start(exchange.status, EVENT_STREAM, _answer_headers(ctx))
         exchange.set_timeout(self._timeouts.stream_read)
         relay = StreamRelay(ctx, writer, self._body_cap)
         for part in exchange.body:  # arrived together with the headers
@@ -321,6 +321,14 @@ class Dispatcher:
         finally:
             writer.set_flow(None)
         relay.finish()
+
+
+def _answer_headers(ctx: RequestContext) -> tuple[tuple[str, str], ...]:
+    """`X-Sluice-Model` on every proxied answer; the console's playground is also told the backend."""
+    principal = ctx.principal
+    if principal is not None and principal.kind == "console":
+        return (("x-sluice-model", ctx.served_model or ctx.model), ("x-sluice-backend", ctx.backend))
+    return (("x-sluice-model", ctx.served_model or ctx.model),)
 
 
 def _settle(

@@ -72,6 +72,8 @@ class ErrorsStage:
         model = ctx.model if ctx.model and self._backends.knows(ctx.model) else ("" if not ctx.model else "unknown")
         metrics.requests.child(route, model, ctx.backend, STATUS_TEXT.get(status) or str(status)).inc()
         metrics.duration.child(route).observe(elapsed)
+        if model:
+            metrics.model_duration.child(model).observe(elapsed)
         if ctx.ttft is not None:
             metrics.ttft.child(model).observe(ctx.ttft)
         if ctx.tpot is not None:
@@ -83,8 +85,13 @@ class ErrorsStage:
                 metrics.tokens.child(model, "prompt").inc(prompt)
             if isinstance(completion, int):
                 metrics.tokens.child(model, "completion").inc(completion)
-        if self._audit is not None and code != AUDIT_FULL and not (ctx.route is not None and ctx.route.public):
-            # every API and admin request, and every unknown path; not health checks and metrics scrapes
+        matched = ctx.route
+        if (
+            self._audit is not None
+            and code != AUDIT_FULL
+            and (matched is None or (matched.audited and not matched.public))
+        ):
+            # every API and admin request, and every unknown path; not health checks, metrics scrapes, polls
             writer, builder = self._audit
             writer.submit(builder.build(ctx, status, code, elapsed))
         if self._access_log is not None:

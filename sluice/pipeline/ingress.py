@@ -16,11 +16,15 @@ class IngressStage:
     def __init__(
         self, routes: Mapping[str, Route], prefixes: Mapping[str, Route] | None = None, admin: bool | None = None
     ) -> None:
-        """`admin`: None serves every route; True only the admin routes, False all but them (for a gateway
-        whose admin API has a listener of its own, `server.admin_port`)."""
-        self._routes = {path: route for path, route in routes.items() if admin is None or route.admin == admin}
+        """`admin`: None serves every route; True only the admin routes and the console's pages, False all but
+        them (for a gateway whose admin API has a listener of its own, `server.admin_port`)."""
+        self._routes = {
+            path: route for path, route in routes.items() if admin is None or route.on_admin_listener == admin
+        }
         self._prefixes = tuple(
-            (prefix, route) for prefix, route in (prefixes or {}).items() if admin is None or route.admin == admin
+            (prefix, route)
+            for prefix, route in (prefixes or {}).items()
+            if admin is None or route.on_admin_listener == admin
         )
 
     def route_for(self, path: str) -> Route | None:

@@ -1,0 +1,1 @@
+"""The operator console: a web page at /console behind the admin credential (docs/console.md)."""
