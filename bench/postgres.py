@@ -19,7 +19,8 @@ from bench.env import BenchError
 from bench.procs import LOCALHOST, Service, free_port, start, wait_tcp
 
 
-def _binary(name: str) -> str:
+def postgres_binary(name: str) -> str:
+    """A PostgreSQL server program (initdb, pg_ctl, postgres): on PATH or in Debian's versioned folder."""
     found = shutil.which(name)
     if found:
         return found
@@ -43,7 +44,7 @@ def start_postgres(workdir: Path, *, taskset: str, cpu: int) -> tuple[str, Servi
         runner = ["runuser", "-u", "postgres", "--"]
     data = folder / "data"
     done = subprocess.run(
-        [*runner, _binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        [*runner, postgres_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -52,7 +53,7 @@ def start_postgres(workdir: Path, *, taskset: str, cpu: int) -> tuple[str, Servi
     if done.returncode != 0:
         raise BenchError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
     port = free_port()
-    argv = [*runner, _binary("postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
+    argv = [*runner, postgres_binary("postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
             "-c", f"listen_addresses={LOCALHOST}"]  # fmt: skip
     service = start(f"postgres-{port}", argv, cpu=cpu, taskset=taskset, logdir=workdir)
     wait_tcp(service, port)

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class Service:
     def rss_mib(self) -> float | None:
         """Resident memory of the process and its descendants (nginx workers, granian workers)."""
         total_kib = 0
-        for pid in [self.process.pid, *_descendants(self.process.pid)]:
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
@@ -70,7 +71,8 @@ class Service:
             self.process.wait(timeout=STOP_GRACE_S)
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (children, grandchildren, …), from the process table."""
     parents: dict[int, list[int]] = {}
     for pid, _state, ppid, _pgrp in process_table():
         parents.setdefault(ppid, []).append(pid)
@@ -84,14 +86,23 @@ def _descendants(root: int) -> list[int]:
 
 
 def start(
-    name: str, argv: list[str], *, cpu: int, taskset: str, logdir: Path, env: dict[str, str] | None = None
+    name: str,
+    argv: list[str],
+    *,
+    cpu: int | None,
+    taskset: str = "taskset",
+    logdir: Path,
+    env: Mapping[str, str] | None = None,
+    append: bool = False,
 ) -> Service:
-    """Start ``argv`` pinned to ``cpu`` in a new process group, output to ``logdir/<name>.log``."""
+    """Start ``argv`` in a new process group, pinned to ``cpu`` unless it is None, output to
+    ``logdir/<name>.log`` (``append``: a restarted process keeps adding to one log)."""
     log = logdir / f"{name}.log"
-    with log.open("wb") as out:
+    command = argv if cpu is None else [taskset, "-c", str(cpu), *argv]
+    with log.open("ab" if append else "wb") as out:
         try:
             process = subprocess.Popen(
-                [taskset, "-c", str(cpu), *argv],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

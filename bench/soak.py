@@ -29,11 +29,11 @@ import asyncpg
 import uvloop
 
 from bench.env import BenchError, machine
-from bench.procs import REPO_ROOT, free_port
+from bench.procs import REPO_ROOT, descendants, free_port
 from bench.progress import Progress
 from bench.soak_chaos import Chaos, ChaosPlan
 from bench.soak_report import AuditCount, AuditRow, Inputs, SoakReport, analyse, markdown
-from bench.soak_sampler import ProcessSampler, cpu_seconds, descendants, fd_kinds, machine_jiffies
+from bench.soak_sampler import ProcessSampler, cpu_seconds, fd_kinds, machine_jiffies
 from bench.soak_services import (
     ApiKey,
     BackendLatency,

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sluice.engine.sessions import process_table
+from bench.procs import descendants
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,19 +129,6 @@ def fd_kinds(pids: list[int], listen_port: int, peers_by_port: dict[int, str]) -
             else:
                 kinds["file"] += 1
     return kinds
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, _state, ppid, _pgrp in process_table():
-        children[ppid].append(pid)
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found.extend(kids)
-        todo.extend(kids)
-    return found
 
 
 @dataclass(slots=True)

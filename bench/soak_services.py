@@ -21,7 +21,8 @@ from pathlib import Path
 
 from bench.env import BenchError
 from bench.gateway import serve_command
-from bench.procs import LOCALHOST, REPO_ROOT, Service, free_port, wait_http, wait_tcp
+from bench.postgres import postgres_binary
+from bench.procs import LOCALHOST, Service, free_port, start, wait_http, wait_tcp
 from sluice.engine.sessions import signal_group
 
 MODEL = "soak-model"
@@ -31,21 +32,7 @@ READY_TIMEOUT_S = 30.0
 def spawn(name: str, argv: list[str], logdir: Path, env: Mapping[str, str] | None = None) -> Service:
     """Start `argv` in a new process group (not pinned: the soak shares the machine like production does),
     appending its output to `logdir/<name>.log` so a restarted process keeps one log."""
-    log = logdir / f"{name}.log"
-    with log.open("ab") as out:
-        try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=REPO_ROOT,
-                env={**os.environ, **(env or {})},
-            )
-        except OSError as exc:
-            raise BenchError(f"cannot start {name}: {exc}") from exc
-    return Service(name=name, process=process, log=log)
+    return start(name, argv, cpu=None, logdir=logdir, env=env, append=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +106,6 @@ class ThrowawayRedis:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def postgres_tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (folder / name).exists():
-            return str(folder / name)
-    raise BenchError(f"{name} is not installed (apt-get install -y postgresql)")
-
-
 class ThrowawayPostgres:
     """`initdb` into a temporary folder, then `pg_ctl start` / `stop -m fast` on the same port and data."""
 
@@ -161,21 +138,21 @@ class ThrowawayPostgres:
             raise BenchError(f"{Path(argv[0]).name} failed: {done.stderr.strip() or done.stdout.strip()}")
 
     def init(self) -> None:
-        self._run(postgres_tool("initdb"), "-D", str(self._data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+        self._run(postgres_binary("initdb"), "-D", str(self._data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--no-sync")  # fmt: skip
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self._dir} -c listen_addresses={LOCALHOST} -c max_connections=100"
-        self._run(postgres_tool("pg_ctl"), "-D", str(self._data), "-o", options, "-l", str(self._log), "-w",
+        self._run(postgres_binary("pg_ctl"), "-D", str(self._data), "-o", options, "-l", str(self._log), "-w",
                   "-t", "60", "start")  # fmt: skip
 
     def stop(self) -> None:
         """A fast shutdown: sessions are cut, as in a failover or a restart of the database."""
-        self._run(postgres_tool("pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "-t", "60", "stop")
+        self._run(postgres_binary("pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "-t", "60", "stop")
 
     def remove(self, keep_log_in: Path | None = None) -> None:
         subprocess.run(
-            [*self._runner, postgres_tool("pg_ctl"), "-D", str(self._data), "-m", "immediate", "stop"],
+            [*self._runner, postgres_binary("pg_ctl"), "-D", str(self._data), "-m", "immediate", "stop"],
             capture_output=True,
             timeout=60,
             check=False,

@@ -32,7 +32,6 @@ PODS = {  # recorded pod address → where its fake engine listens here
 }
 
 
-
 @pytest.fixture
 async def api() -> AsyncIterator[FakeKubernetesApi]:
     server = await FakeKubernetesApi(list_body=recorded("endpointslices-vllm-a.json")).start()
@@ -58,74 +57,71 @@ def discovery(api: FakeKubernetesApi, folder: Path, seen: Seen, **settings: Any)
     return KubernetesDiscovery(config, seen)
 
 
-async def test_lists_then_follows_the_watch_with_the_service_account_token(
-    api: FakeKubernetesApi, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def followed(api: FakeKubernetesApi, tmp_path: Path) -> AsyncIterator[tuple[KubernetesDiscovery, Seen]]:
+    """Discovery of `vllm-a` started against the recorded API, and what it has handed over so far."""
     seen = Seen()
     watcher = discovery(api, tmp_path, seen)
     await watcher.start()
-    try:
-        assert seen.changes == [["2mq8x", "k7v4n"]]  # start() returned with the first list applied
-        assert watcher.namespace == "sluice"  # the kubeconfig context's namespace
-        await asyncio.wait_for(api.watching.wait(), 5)
-        api.send(*recorded_events("endpointslices-vllm-a.watch.jsonl"))
-        await eventually(lambda: len(seen.changes) == 5)
-        assert seen.changes[1:] == [
-            ["2mq8x", "k7v4n", "x9p2r"],
-            ["2mq8x", "x9p2r"],  # (a bookmark between these changed nothing)
-            ["2mq8x", "t5w3z", "x9p2r"],
-            ["t5w3z"],
-        ]
-        listing, watching = api.calls[0], api.watches()[0]
-        assert listing.path == "/apis/discovery.k8s.io/v1/namespaces/sluice/endpointslices"
-        assert listing.query == {"labelSelector": "kubernetes.io/service-name=vllm-a"}
-        assert watching.query["resourceVersion"] == "48213"  # from the list, so nothing is missed
-        assert watching.query["allowWatchBookmarks"] == "true"
-        assert {call.authorization for call in api.calls} == {f"Bearer {TOKEN}"}
-        assert watcher.api_up
-    finally:
-        await watcher.close()
+    yield watcher, seen
+    await watcher.close()
+
+
+async def test_lists_then_follows_the_watch_with_the_service_account_token(
+    api: FakeKubernetesApi, followed: tuple[KubernetesDiscovery, Seen]
+) -> None:
+    watcher, seen = followed
+    assert seen.changes == [["2mq8x", "k7v4n"]]  # start() returned with the first list applied
+    assert watcher.namespace == "sluice"  # the kubeconfig context's namespace
+    await asyncio.wait_for(api.watching.wait(), 5)
+    api.send(*recorded_events("endpointslices-vllm-a.watch.jsonl"))
+    await eventually(lambda: len(seen.changes) == 5)
+    assert seen.changes[1:] == [
+        ["2mq8x", "k7v4n", "x9p2r"],
+        ["2mq8x", "x9p2r"],  # (a bookmark between these changed nothing)
+        ["2mq8x", "t5w3z", "x9p2r"],
+        ["t5w3z"],
+    ]
+    listing, watching = api.calls[0], api.watches()[0]
+    assert listing.path == "/apis/discovery.k8s.io/v1/namespaces/sluice/endpointslices"
+    assert listing.query == {"labelSelector": "kubernetes.io/service-name=vllm-a"}
+    assert watching.query["resourceVersion"] == "48213"  # from the list, so nothing is missed
+    assert watching.query["allowWatchBookmarks"] == "true"
+    assert {call.authorization for call in api.calls} == {f"Bearer {TOKEN}"}
+    assert watcher.api_up
 
 
 async def test_a_renewed_watch_continues_from_the_last_version_and_an_expired_one_lists_again(
-    api: FakeKubernetesApi, tmp_path: Path
+    api: FakeKubernetesApi, followed: tuple[KubernetesDiscovery, Seen]
 ) -> None:
-    seen = Seen()
-    watcher = discovery(api, tmp_path, seen)
-    await watcher.start()
-    try:
-        await asyncio.wait_for(api.watching.wait(), 5)
-        api.send(*recorded_events("endpointslices-vllm-a.watch.jsonl")[:3])
-        await eventually(lambda: len(seen.changes) == 3)  # the list, then two changes around a bookmark
-        api.end_watch()  # the API server's timeout passed
-        await eventually(lambda: len(api.watches()) == 2)
-        assert api.watches()[1].query["resourceVersion"] == "48502"  # the last event's version
-        lists_before = len(api.calls) - len(api.watches())
-        await asyncio.wait_for(api.watching.wait(), 5)
-        api.send(recorded("watch-expired.json").strip())  # 410 Gone: that version was compacted away
-        await eventually(lambda: len(api.calls) - len(api.watches()) == lists_before + 1)
-        await eventually(lambda: len(api.watches()) == 3)
-        assert api.watches()[2].query["resourceVersion"] == "48213"  # from the new list
-        assert seen.changes[-1] == ["2mq8x", "k7v4n"]  # the list is the truth again
-    finally:
-        await watcher.close()
+    _, seen = followed
+    await asyncio.wait_for(api.watching.wait(), 5)
+    api.send(*recorded_events("endpointslices-vllm-a.watch.jsonl")[:3])
+    await eventually(lambda: len(seen.changes) == 3)  # the list, then two changes around a bookmark
+    api.end_watch()  # the API server's timeout passed
+    await eventually(lambda: len(api.watches()) == 2)
+    assert api.watches()[1].query["resourceVersion"] == "48502"  # the last event's version
+    lists_before = len(api.calls) - len(api.watches())
+    await asyncio.wait_for(api.watching.wait(), 5)
+    api.send(recorded("watch-expired.json").strip())  # 410 Gone: that version was compacted away
+    await eventually(lambda: len(api.calls) - len(api.watches()) == lists_before + 1)
+    await eventually(lambda: len(api.watches()) == 3)
+    assert api.watches()[2].query["resourceVersion"] == "48213"  # from the new list
+    assert seen.changes[-1] == ["2mq8x", "k7v4n"]  # the list is the truth again
 
 
-async def test_an_api_outage_keeps_the_last_backends_and_recovers(api: FakeKubernetesApi, tmp_path: Path) -> None:
-    seen = Seen()
-    watcher = discovery(api, tmp_path, seen)
-    await watcher.start()
-    try:
-        await asyncio.wait_for(api.watching.wait(), 5)
-        api.fail_with = 503
-        api.end_watch()
-        await eventually(lambda: not watcher.api_up)
-        assert seen.changes == [["2mq8x", "k7v4n"]]  # nothing was withdrawn because the API failed
-        api.fail_with = None
-        await eventually(lambda: watcher.api_up)
-        await asyncio.wait_for(api.watching.wait(), 5)
-    finally:
-        await watcher.close()
+async def test_an_api_outage_keeps_the_last_backends_and_recovers(
+    api: FakeKubernetesApi, followed: tuple[KubernetesDiscovery, Seen]
+) -> None:
+    watcher, seen = followed
+    await asyncio.wait_for(api.watching.wait(), 5)
+    api.fail_with = 503
+    api.end_watch()
+    await eventually(lambda: not watcher.api_up)
+    assert seen.changes == [["2mq8x", "k7v4n"]]  # nothing was withdrawn because the API failed
+    api.fail_with = None
+    await eventually(lambda: watcher.api_up)
+    await asyncio.wait_for(api.watching.wait(), 5)
 
 
 async def test_start_does_not_wait_long_for_an_api_that_fails(api: FakeKubernetesApi, tmp_path: Path) -> None:
