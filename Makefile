@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT   ?= 8080
 
-.PHONY: lock demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval soak system-deps clean
+.PHONY: lock demo test test-fast engine lint typecheck unit bench bench-affinity cache-eval soak screenshots system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "creating $(VENV) …"; $(PYTHON) -m venv $(VENV); }
@@ -80,3 +80,7 @@ lock:
 	@python3 -m venv .venv-lock && .venv-lock/bin/pip install --quiet pip-tools
 	.venv-lock/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
 		--extra rag --extra tracing --extra kubernetes --output-file deploy/requirements.lock pyproject.toml
+
+# The console's screenshots in docs/img/ (README, docs/console.md), taken by its browser test in Chromium.
+screenshots: $(STAMP) system-deps
+	SLUICE_SCREENSHOTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/component/test_console_browser.py

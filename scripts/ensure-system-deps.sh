@@ -15,6 +15,9 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 # Throwaway Redis and PostgreSQL servers (tests that restart them, the soak) run these binaries themselves.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
+# The console's browser test (tests/component/test_console_browser.py) drives Debian's Chromium with Playwright.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,8 +1,9 @@
 """`GET /console/api/state`: what the console page shows, in one JSON answer (admin credential or session).
 
 Backends with their health, drains, circuits, our in-flight count and what the engine last reported
-(null when stale or never scraped), their base models and LoRA adapters apart; every model a client may
-call now (RAG aliases included); and this worker's traffic series (sluice/console/traffic.py).
+(null when stale, never scraped or the backend is down), their base models and LoRA adapters apart;
+every model a client may call now (RAG aliases included); and this worker's traffic series
+(sluice/console/traffic.py).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ConsoleState:
 
 
 def _backend(backend: Backend, now: float) -> dict[str, Any]:
-    fresh = bool(backend.scraped_at) and now < backend.stale_after
+    fresh = backend.healthy and bool(backend.scraped_at) and now < backend.stale_after  # a dead engine reports nothing
     adapters = sorted(m for m in backend.models if (backend.model_cards.get(m) or {}).get("parent"))
     return {
         "name": backend.name,
