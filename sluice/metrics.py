@@ -38,6 +38,7 @@ class GatewayMetrics:
         )
         # Kept for the console's per-model latency (sluice/console/traffic.py), not exported: Prometheus has
         # the per-route duration, and a per-model one would multiply its series by the models' count.
+        self.model_duration_on = False  # set while the console's sampler runs: no cost on the hot path otherwise
         self.model_duration = Histogram(
             "sluice_model_request_duration_seconds", "Time from request received to response finished, by model.",
             ["model"], LATENCY_BUCKETS,

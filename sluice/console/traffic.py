@@ -69,10 +69,12 @@ class TrafficSampler:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self._metrics.model_duration_on = True  # the per-model latency is recorded only for the console
         self.sample()  # the baseline: the first point comes one interval later
         self._task = asyncio.create_task(self._run(), name="console-traffic")
 
     async def close(self) -> None:
+        self._metrics.model_duration_on = False
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

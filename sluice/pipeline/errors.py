@@ -72,7 +72,7 @@ class ErrorsStage:
         model = ctx.model if ctx.model and self._backends.knows(ctx.model) else ("" if not ctx.model else "unknown")
         metrics.requests.child(route, model, ctx.backend, STATUS_TEXT.get(status) or str(status)).inc()
         metrics.duration.child(route).observe(elapsed)
-        if model:
+        if model and metrics.model_duration_on:
             metrics.model_duration.child(model).observe(elapsed)
         if ctx.ttft is not None:
             metrics.ttft.child(model).observe(ctx.ttft)
