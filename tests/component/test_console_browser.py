@@ -180,7 +180,7 @@ async def walk_through(page: Page, gw: Gateway, plain_fake: FakeVLLM) -> None:
     row = page.locator("#keys-table tbody tr", has_text="team-console")
     await expect(row).to_contain_text("active")
     await expect(row).to_contain_text("base, medical")
-    await screenshot(page, "keys", mask=[shown])  # a throwaway key, but keys never go into pictures
+    await screenshot(page, "keys", mask=[shown], mask_color="#9ca3af")  # keys never go into pictures
     client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
     try:
         answer = await client.chat.completions.create(
