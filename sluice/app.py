@@ -285,6 +285,13 @@ class Gateway:
             return None
         return ConsoleSessions(config.auth.admin_key, config.console.session_ttl)
 
+    async def _follow_console(self, config: SluiceConfig) -> None:
+        """Run the console's traffic sampler exactly while the console is on (an admin key may come or go)."""
+        if self._console_sessions(config) is not None:
+            await self.traffic.start()
+        elif self.traffic.running:
+            await self.traffic.close()
+
     async def reload(self, new: SluiceConfig) -> dict[str, object]:
         """Apply a new configuration's live sections without dropping a connection (see sluice/reload.py).
 
@@ -303,6 +310,7 @@ class Gateway:
             self.placer.load_timeout = config.adapters.load_timeout
             self._limits = self._limits_check(config)
             self._chain, self._admin_chain = self._build_chains(config)
+            await self._follow_console(config)
             summary = plan.summary()
             log.info("configuration reloaded", extra=summary)
             if plan.restart_required:
@@ -422,8 +430,7 @@ class Gateway:
         if self.worker_metrics is not None:
             await self.worker_metrics.start()
         await self.drains.start()
-        if self._console_sessions(self.config) is not None:
-            await self.traffic.start()
+        await self._follow_console(self.config)
         if self.retriever is not None:
             await self.retriever.start()
         self._chain, self._admin_chain = self._build_chains(self.config)

@@ -68,7 +68,13 @@ class TrafficSampler:
         self._last: _Snapshot | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
     async def start(self) -> None:
+        if self._task is not None:
+            return
         self._metrics.model_duration_on = True  # the per-model latency is recorded only for the console
         self.sample()  # the baseline: the first point comes one interval later
         self._task = asyncio.create_task(self._run(), name="console-traffic")

@@ -315,3 +315,29 @@ async def test_the_console_lives_on_the_admin_listener(fake: StartFake, gateway:
     assert (await request(gw.admin_url, "GET", "/console/api/state", with_session(token)))[0] == 200
     status, headers, _, _ = await request(gw.url, "POST", "/v1/chat/completions", with_session(token), json=CHAT)
     assert status == 200 and headers["X-Sluice-Backend"] == "b0"  # a session works on the API listener too
+
+
+async def test_the_sampler_follows_an_admin_key_given_or_taken_by_a_reload(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    gw = await gateway([await fake("base")], auth={"api_keys": [{"name": "test", "key": API_KEY}]}, health=HEALTH)
+    assert not gw.traffic.running and not gw.metrics.model_duration_on  # no console: nothing recorded
+    await gw.reload(gw.config.model_copy(update={"auth": gw.config.auth.model_copy(update={"admin_key": ADMIN})}))
+    assert gw.traffic.running and gw.metrics.model_duration_on
+    await session_token(gw)  # and the console answers
+    await gw.reload(gw.config.model_copy(update={"auth": gw.config.auth.model_copy(update={"admin_key": None})}))
+    assert not gw.traffic.running and not gw.metrics.model_duration_on
+
+
+async def test_a_cache_hit_names_no_backend(fake: StartFake, gateway: StartGateway) -> None:
+    gw = await gateway([await fake("base")], auth=AUTH, health=HEALTH, cache={"enabled": True, "store": "memory"})
+    headers = with_session(await session_token(gw))
+    deterministic = {**CHAT, "temperature": 0}
+    _, miss, _, _ = await request(gw.url, "POST", "/v1/chat/completions", headers, json=deterministic)
+    assert miss["X-Sluice-Cache"] == "miss" and miss["X-Sluice-Backend"] == "b0"
+    for _ in range(50):  # the answer is stored in the background once complete
+        _, hit, _, _ = await request(gw.url, "POST", "/v1/chat/completions", headers, json=deterministic)
+        if hit["X-Sluice-Cache"] == "hit-exact":
+            break
+        await asyncio.sleep(0.05)
+    assert hit["X-Sluice-Cache"] == "hit-exact" and "X-Sluice-Backend" not in hit
