@@ -332,13 +332,18 @@ def test_only_the_public_paths_are_served_the_rest_is_a_json_404(front: Front) -
     assert front.call("/version", source="127.0.0.2", key=None).status == 200
     assert front.call("/v1/models", source="127.0.0.2").json()["data"][0]["id"] == "base"
     assert front.call("/v1/unknown", source="127.0.0.2").json()["error"]["code"] == "not_found"  # the gateway's
-    for path in ("/", "/metrics", "/ready", "/admin/keys", "/v2/models", "/health/x", "/.env"):
+    for path in ("/", "/metrics", "/ready", "/admin/keys", "/console", "/v2/models", "/health/x", "/.env"):
         answer = front.call(path, source="127.0.0.2", key=ADMIN_KEY)
         assert answer.status == 404 and answer.headers["content-type"] == "application/json", path
         assert answer.json()["error"]["code"] == "not_found"
     # /admin/ only from the configured admin network, and then still behind the gateway's admin key.
     assert front.call("/admin/usage", source="127.0.0.5", key=ADMIN_KEY).status == 200
     assert front.call("/admin/usage", source="127.0.0.5", key=KEY).status == 401
+    console = front.call("/console", source="127.0.0.5", key=None)  # the console, from there too
+    assert console.status == 200 and console.headers["content-type"].startswith("text/html")
+    policy = console.headers["content-security-policy"]  # the gateway's, which lets the page run, alone
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert console.headers["strict-transport-security"] and console.headers["x-frame-options"] == "DENY"
     too_large = front.call("/v1/chat/completions", b"x" * 100_000, source="127.0.0.2")
     assert too_large.status == 413 and too_large.json()["error"]["code"] == "request_too_large"
     # /health is never in the access log; everything else is, one JSON object per line.
