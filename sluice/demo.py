@@ -3,7 +3,8 @@
 The backend is the local engine prepared by `sluice engine prepare` (Gemma 3 270M on CPU, with two
 untrained demonstration LoRA adapters, `medical` and `code`). `--with-fake` adds a vLLM-compatible fake
 server (`demo-fake`) as a second backend; `--fake-only` runs the fakes alone, for machines that cannot
-spare the engine's ~6 GB. A fresh API key is generated for each run and printed with examples.
+spare the engine's ~6 GB. A fresh API key and admin key (for the console at /console) are generated for
+each run and printed with examples.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _ticker(started: float) -> Any:
 
 async def _run(port: int, engine: str, with_fake: bool, data_dir: Path) -> int:
     key = "sk-sluice-demo-" + secrets.token_urlsafe(18)
+    admin_key = "demo-admin-" + secrets.token_urlsafe(18)
     fakes: list[FakeVLLM] = []
     backends: list[dict[str, Any]] = []
     if engine:
@@ -86,7 +88,13 @@ async def _run(port: int, engine: str, with_fake: bool, data_dir: Path) -> int:
         {
             "server": {"host": "127.0.0.1", "port": port},
             "backends": backends,
-            "auth": {"api_keys": [{"name": "demo", "key": key}]},
+            "auth": {
+                "api_keys": [{"name": "demo", "key": key}],
+                "admin_key": admin_key,  # the console (/console) and the admin API
+                "key_secret": _kept_secret(data_dir),  # managed keys made in the console outlive a restart
+            },
+            "database": {"url": f"sqlite:///{data_dir / 'sluice.db'}"},
+            "audit": {"journal_dir": str(data_dir / "audit-journal")},
             "cache": {"enabled": True},  # in process, with the local embedding model (docs/cache.md)
             "logging": {"format": "text", "level": "warning", "access_log": False},
         }
@@ -100,7 +108,8 @@ async def _run(port: int, engine: str, with_fake: bool, data_dir: Path) -> int:
         for fake in fakes:
             await fake.close()
         return 1
-    _save_key(data_dir, key)
+    _save_key(data_dir, "api-key", key)
+    _save_key(data_dir, "admin-key", admin_key)
     url = gateway.url
     say(f"  [3/3] gateway: listening on {url}\n")
     model = "medical" if engine else "demo-fake"
@@ -127,6 +136,7 @@ print(c.completions.create(model='{model}', prompt='The sky is', max_tokens=16).
 Ask the same question twice with "temperature": 0 and `curl -i`: the second answer says
 X-Sluice-Cache: hit-exact (the response cache; reworded questions can be hit-semantic).
 
+Console: {url}/console   admin key (also in {data_dir / 'admin-key'}): {admin_key}
 Metrics: {url}/metrics   Ready: {url}/ready   Stop: Ctrl-C""", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,8 +157,16 @@ def _free_port() -> int:
         return port
 
 
-def _save_key(data_dir: Path, key: str) -> None:
+def _save_key(data_dir: Path, name: str, key: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "api-key"
+    path = data_dir / name
     path.write_text(key + "\n")
     path.chmod(0o600)
+
+
+def _kept_secret(data_dir: Path) -> str:
+    """The demo's `auth.key_secret`, made on the first run and kept in data_dir (managed keys hash with it)."""
+    path = data_dir / "key-secret"
+    if not path.exists():
+        _save_key(data_dir, "key-secret", secrets.token_urlsafe(32))
+    return path.read_text().strip()
