@@ -71,7 +71,7 @@
       data = null;
     }
     if (response.status === 401) {
-      showLogin(true);
+      showLogin(loggedIn); // "ended" only for a session this page had; a first visit just asks to log in
       throw new HttpError(401, "Your console session has ended: log in again.");
     }
     if (!response.ok) throw new HttpError(response.status, errorMessage(data, response));
