@@ -97,21 +97,14 @@ def _query(name: str, description: str, schema: Schema = STRING) -> Schema:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
-KEY_PARAMETER = {
-    "name": "key",
-    "in": "path",
-    "required": True,
-    "description": "The key's id (`k_…`) or name.",
-    "schema": {"type": "string", "minLength": 1},
-}
+def _path(name: str, description: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": {"type": "string", "minLength": 1}}  # fmt: skip
+
+
+KEY_PARAMETER = _path("key", "The key's id (`k_…`) or name.")
 CONFLICT = (*ADMIN_ERRORS, 409)
-BACKEND_PARAMETER = {
-    "name": "backend",
-    "in": "path",
-    "required": True,
-    "description": "The backend's name (`backends[].name`, or a discovered pod's).",
-    "schema": {"type": "string", "minLength": 1},
-}
+BACKEND_PARAMETER = _path("backend", "The backend's name (`backends[].name`, or a discovered pod's).")
 DRAIN_STATE = {
     "200": _json(
         json_object(
