@@ -41,7 +41,7 @@ from sluice.identity.managed import ManagedKeys
 from sluice.identity.revocations import RevocationFeed
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
-from sluice.metrics_workers import WorkerMetrics, sibling_directory
+from sluice.metrics_workers import WorkerMetrics
 from sluice.openapi import OpenApiDocument
 from sluice.pipeline.audit_gate import AuditGate
 from sluice.pipeline.auth import AuthStage
@@ -61,6 +61,7 @@ from sluice.ratelimit import RateLimiter
 from sluice.reload import plan_reload, read_config
 from sluice.repair import Repair, repair_off
 from sluice.routes import PATHS, PREFIXES, LocalRoutes
+from sluice.siblings import Siblings, sibling_directory
 from sluice.store.database import Database
 from sluice.store.migrations import upgrade
 from sluice.upstream.adapters import AdapterPlacer
@@ -90,8 +91,9 @@ class Gateway:
         self._deadlines = Deadlines(resolution=min(1.0, shortest / 4))
         self.backends = Backends(map(self._new_backend, config.backends), config.adapters.registry)
         self.metrics.watch_backends(self.backends)
-        siblings = sibling_directory()
-        self.worker_metrics = WorkerMetrics(self.metrics, siblings) if siblings is not None else None
+        directory = sibling_directory()
+        self.siblings = Siblings(directory) if directory is not None else None  # the other workers, if any
+        self.worker_metrics = WorkerMetrics(self.metrics, self.siblings) if self.siblings is not None else None
         self.monitor = BackendMonitor(self.backends, config.health)
         self.scraper = LoadScraper(self.backends, config.health.scrape_interval, config.health.timeout)
         self.access_log = AccessLog(config.logging) if access_log_enabled(config.logging) else None
@@ -124,7 +126,7 @@ class Gateway:
         shared = config.redis.url if repair.enabled else None
         self.drains = Drains(self.backends, shared, config.redis.key_prefix, repair.sync_interval)
         self.repair = Repair(repair, self.drains, self.backends, self.metrics) if repair.enabled else None
-        self.traffic = TrafficSampler(self.metrics)  # the console's series; runs while the console is on
+        self.traffic = TrafficSampler(self.metrics, self.siblings)  # the console's series; runs while it is on
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self.retriever = self._new_retriever(config)
@@ -427,8 +429,8 @@ class Gateway:
             await self.audit.start()
         if self.cache is not None:
             await self.cache.start()
-        if self.worker_metrics is not None:
-            await self.worker_metrics.start()
+        if self.siblings is not None:
+            await self.siblings.start()
         await self.drains.start()
         await self._follow_console(self.config)
         if self.retriever is not None:
@@ -542,8 +544,8 @@ class Gateway:
             await self.jwt.close()
         if self.revocations is not None:
             await self.revocations.close()
-        if self.worker_metrics is not None:
-            await self.worker_metrics.close()
+        if self.siblings is not None:
+            await self.siblings.close()
         await self.drains.close()
         await self.traffic.close()
         if self.tracing is not None:

@@ -25,8 +25,8 @@ from sluice.app import Gateway
 from sluice.audit.journal import JournalError
 from sluice.config import SluiceConfig
 from sluice.logs import configure_logging
-from sluice.metrics_workers import WORKERS_ENV
 from sluice.reload import InvalidConfig, plan_reload, read_config
+from sluice.siblings import WORKERS_ENV
 from sluice.store.database import DatabaseError
 
 log = logging.getLogger("sluice.serve")
@@ -117,7 +117,7 @@ def _child(config: SluiceConfig, path: Path | None) -> None:
 
 
 def _supervise(config: SluiceConfig, count: int, path: Path | None) -> int:
-    sockets = tempfile.mkdtemp(prefix="sluice-workers-")  # where workers find each other's metrics
+    sockets = tempfile.mkdtemp(prefix="sluice-workers-")  # where workers find each other (sluice/siblings.py)
     os.environ[WORKERS_ENV] = sockets
     try:
         return _run_workers(config, count, path)

@@ -2,7 +2,7 @@
 
 Backends with their health, drains, circuits, our in-flight count and what the engine last reported
 (null when stale, never scraped or the backend is down), their base models and LoRA adapters apart;
-every model a client may call now (RAG aliases included); and this worker's traffic series
+every model a client may call now (RAG aliases included); and the traffic series of every worker
 (sluice/console/traffic.py).
 """
 
@@ -34,9 +34,10 @@ class ConsoleState:
     async def serve(self, ctx: RequestContext) -> None:
         if not self._enabled:
             raise console_off()
-        ctx.writer.send(200, orjson.dumps(self.describe()), headers=(("cache-control", "no-store"),))
+        state = self.describe(await self._traffic.describe_all())
+        ctx.writer.send(200, orjson.dumps(state), headers=(("cache-control", "no-store"),))
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, traffic: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
         served = [card["id"] for card in self._backends.healthy_models()]
         aliases = [alias for alias, base in self._aliases.items() if base in served and alias not in served]
@@ -47,7 +48,7 @@ class ConsoleState:
             "backends": [_backend(backend, now) for backend in self._backends.all],
             "models": served + aliases,
             "rag_routes": sorted(self._aliases),
-            "traffic": self._traffic.describe(),
+            "traffic": traffic,
         }
 
 

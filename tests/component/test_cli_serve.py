@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,16 @@ def wait_http(url: str, timeout: float = 15) -> None:
     raise AssertionError(f"{url} did not answer 200 within {timeout} s")
 
 
+def sibling_answer(path: Path, topic: str) -> Any:
+    """What a worker answers a sibling on its socket (sluice/siblings.py)."""
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.settimeout(5)
+        connection.connect(str(path))
+        connection.sendall(topic.encode() + b"\n")
+        data = b"".join(iter(lambda: connection.recv(65536), b""))
+    return json.loads(data)
+
+
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -69,13 +80,13 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
     config.write_text(
         f"server: {{host: 127.0.0.1, port: {port}}}\n"
         f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
-        "auth:\n  api_keys:\n    - {name: ci, key: '${SLUICE_TEST_KEY}'}\n"
+        "auth:\n  admin_key: admin-cli-0123456789\n  api_keys:\n    - {name: ci, key: '${SLUICE_TEST_KEY}'}\n"
     )
     wait_http(f"http://127.0.0.1:{fake_port}/health")
     log = (tmp_path / "gateway.log").open("wb")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
-        env={**os.environ, "SLUICE_TEST_KEY": KEY}, stderr=log, start_new_session=True,
+        env={**os.environ, "SLUICE_TEST_KEY": KEY, "TMPDIR": str(tmp_path)}, stderr=log, start_new_session=True,
     )
     processes.append(gateway)
     wait_http(f"http://127.0.0.1:{port}/ready")
@@ -92,6 +103,14 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
         assert 'sluice_requests_total{backend="a",model="sql",route="chat",status="200"} 40.0' in page, page
         assert 'sluice_backend_up{backend="a"} 1.0' in page
         assert page.count("# TYPE sluice_requests_total counter") == 1
+    # The console's traffic too: once a sampling tick has passed, every poll counts both workers' requests,
+    # though each worker served only its share (asked on its own socket, as a sibling would).
+    time.sleep(2.0 - time.time() % 2.0 + 0.5)
+    shares = [sum(p["requests"] for p in sibling_answer(path, "console-traffic")) for path in tmp_path.glob("*/*.sock")]
+    assert len(shares) == 2 and min(shares) > 0 and sum(shares) == 40, shares
+    for _ in range(6):
+        status, state = http(f"http://127.0.0.1:{port}/console/api/state", key="admin-cli-0123456789")
+        assert status == 200 and sum(point["requests"] for point in state["traffic"]["points"]) == 40, state
     os.killpg(gateway.pid, signal.SIGTERM)
     assert gateway.wait(10) == 0
     log.close()

@@ -1,0 +1,86 @@
+"""The channel between sibling workers (`server.workers` > 1): ask every other worker for one named answer.
+
+Workers share the listening port, so any request reaches one of them at random; what must cover them all
+(`/metrics`, the console's traffic charts) is assembled by the worker that answered, from its siblings'
+answers. Each worker listens on a Unix socket `<pid>.sock` in a folder the supervisor made
+(`SLUICE_WORKERS_DIR`); a sibling connects, sends a topic on one line and reads the answer until the
+connection closes. An unknown topic gets an empty answer. Siblings are asked concurrently and given
+`SIBLING_TIMEOUT` in all; one that does not answer is left out (and its socket removed when nothing
+listens on it any more: a worker that died without cleaning up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("sluice.workers")
+SIBLING_TIMEOUT = 1.0
+WORKERS_ENV = "SLUICE_WORKERS_DIR"
+TOPIC_MAX_BYTES = 64
+
+Answer = Callable[[], bytes]
+
+
+class Siblings:
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._socket = directory / f"{os.getpid()}.sock"
+        self._server: asyncio.AbstractServer | None = None
+        self.answers: dict[str, Answer] = {}  # topic -> this worker's answer, registered by each user
+
+    async def start(self) -> None:
+        self._socket.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._answer, path=str(self._socket))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._socket.unlink(missing_ok=True)
+
+    async def ask(self, topic: str) -> list[bytes]:
+        """Every sibling's answer to `topic` that arrives in time (this worker's own is not included)."""
+        siblings = [path for path in self._directory.glob("*.sock") if path != self._socket]
+        answers = await asyncio.gather(*(_ask(path, topic) for path in siblings))
+        return [answer for answer in answers if answer is not None]
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(SIBLING_TIMEOUT):
+                topic = (await reader.readline())[:TOPIC_MAX_BYTES].strip().decode("ascii", "replace")
+            answer = self.answers.get(topic)
+            writer.write(answer() if answer is not None else b"")
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass  # the asking worker gave up (timeout) or exited
+        finally:
+            writer.close()
+
+
+async def _ask(path: Path, topic: str) -> bytes | None:
+    try:
+        async with asyncio.timeout(SIBLING_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                writer.write(topic.encode("ascii") + b"\n")
+                await writer.drain()
+                return await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as exc:
+        if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # a worker that died without cleaning up
+        log.warning("a sibling worker did not answer", extra={"topic": topic, "error": str(exc)})
+        return None
+
+
+def sibling_directory() -> Path | None:
+    """The folder of the workers' sockets, when this process is one of several workers."""
+    value = os.environ.get(WORKERS_ENV)
+    return Path(value) if value else None
