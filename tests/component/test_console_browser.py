@@ -4,7 +4,8 @@ One walk through the page, as an operator would: log in (a wrong key first), wat
 and undrain one from the page (and be refused draining the last backend of a model), create a managed
 key in the page and use it with the `openai` client, revoke it in the page and see the client refused,
 kill a fake and see its row turn unhealthy, read the usage table, stream a playground answer that must
-be seen partly written before it is complete, and look at the traffic charts. Each section is saved as
+be seen partly written before it is complete, ask the RAG route and see the sources it was grounded on
+(a real embedded Chroma and the local embedder), and look at the traffic charts. Each section is saved as
 console-*.png at 1280×800 on the way: into a temporary folder, or, with SLUICE_SCREENSHOTS=1, into
 docs/img/ (the screenshots in docs/console.md and the README), so a test run does not rewrite them.
 
@@ -24,12 +25,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import chromadb
 import openai
 import pytest
+from chromadb.api import ClientAPI
+from chromadb.config import Settings
 from playwright.async_api import Dialog, Locator, Page, async_playwright, expect
 
 from sluice.app import Gateway
+from sluice.cache.embedders import LocalEmbedder
 from sluice.testing.fake_vllm import FakeVLLM
+from tests.component.test_rag_gateway import CHUNKS, INSTALL, embedded_section, fill
 from tests.conftest import API_KEY, StartFake, StartGateway, eventually
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,14 +51,27 @@ IMAGES = DOCS_IMAGES if TO_DOCS else Path(tempfile.mkdtemp(prefix="sluice-consol
 VIEWPORT = {"width": 1280, "height": 800}
 
 
-def sections(tmp_path: Path) -> dict[str, Any]:
+def sections(tmp_path: Path, docs: ClientAPI) -> dict[str, Any]:
     return {
         "auth": {"api_keys": [{"name": "ci", "key": API_KEY}], "admin_key": ADMIN, "key_secret": SECRET},
         "database": {"url": f"sqlite:///{tmp_path}/sluice.db"},
         "audit": {"journal_dir": str(tmp_path / "journal")},
         "cache": {"enabled": True, "store": "memory", "semantic": {"enabled": False}},
         "health": HEALTH,
+        "rag": embedded_section(docs),  # the route "docs" over base, on a real embedded Chroma
     }
+
+
+async def documents(tmp_path: Path) -> ClientAPI:
+    """An embedded Chroma holding test_rag_gateway.py's chunks, embedded with the real local model."""
+    embedder = LocalEmbedder()
+    try:
+        vectors = await embedder.embed([text for *_, text in CHUNKS])
+    finally:
+        await embedder.close()
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    fill(client, vectors)
+    return client
 
 
 def console_url(gw: Gateway) -> str:
@@ -112,7 +131,7 @@ async def test_console_in_a_browser(tmp_path: Path, fake: StartFake, gateway: St
     started = time.monotonic()
     with_lora = await fake("base", loras=["medical"], itl_ms=40, tokens=30)
     plain = await fake("base", itl_ms=40, tokens=30)
-    gw = await gateway([with_lora, plain], **sections(tmp_path))
+    gw = await gateway([with_lora, plain], **sections(tmp_path, await documents(tmp_path)))
     async with async_playwright() as driver, background_traffic(gw):
         browser = await driver.chromium.launch(executable_path=CHROMIUM, headless=True)
         context = await browser.new_context(viewport=VIEWPORT, color_scheme="light", locale="en-GB",
@@ -245,6 +264,20 @@ async def walk_through(page: Page, gw: Gateway, plain_fake: FakeVLLM) -> None:
     await expect(page.locator("#play-cache")).to_have_text("miss")
     await expect(page.locator("#play-error")).to_be_hidden()
     await screenshot(page, "playground")
+
+    # -- playground on the RAG route: the answer names the chunks it was grounded on
+    await page.get_by_label("Model", exact=True).select_option(label="docs (RAG)")
+    await page.get_by_label("Message", exact=True).fill(INSTALL)
+    await page.get_by_role("button", name="Send").click()
+    await expect(output).to_have_attribute("aria-busy", "false", timeout=30_000)  # the embedder may still load
+    await expect(page.locator("#play-error")).to_be_hidden()
+    await expect(page.locator("#play-grounded")).to_have_text("true")
+    await expect(page.locator("#play-served-model")).to_have_text("base")  # the route's base model answered
+    sources = page.locator("#play-sources li")
+    await expect(page.locator("#play-sources-box")).to_be_visible()
+    await expect(sources.first).to_contain_text("Installing Sluice — guides/install.md")
+    assert "The office in Lisbon" not in (await page.locator("#play-sources").text_content() or "")
+    assert (await output.text_content() or "").strip()
 
     # -- traffic: charts drawn from a few points; the per-model table lists base model and adapter
     await open_tab(page, "Traffic")
