@@ -21,7 +21,7 @@ from sluice.admin_cache import AdminCache
 from sluice.admin_usage import AdminUsage
 from sluice.audit.capture import RecordBuilder
 from sluice.audit.writer import AuditWriter
-from sluice.cache.embedders import make_embedder
+from sluice.cache.embedders import LocalEmbedder, make_embedder
 from sluice.cache.service import ResponseCache
 from sluice.cache.stores import make_store
 from sluice.config import BackendConfig, SluiceConfig
@@ -114,6 +114,8 @@ class Gateway:
         self._opening_database = asyncio.Lock()
         self.audit = AuditWriter(config.audit, self._open_database) if config.audit.enabled else None
         self.metrics.audit = self.audit
+        # The cache and RAG share one in-process embedding model when both run it (each user closes its share).
+        self._local_embedder = LocalEmbedder()
         self.cache = self._new_cache(config)
         self.metrics.cache = self.cache
         self.metrics.dependencies = self._dependencies
@@ -163,18 +165,18 @@ class Gateway:
         semantic = settings.semantic.enabled and (
             settings.default.semantic or any(model.semantic for model in settings.models.values())
         )
-        embedder = make_embedder(settings.embedder) if semantic else None
+        embedder = make_embedder(settings.embedder, self._local_embedder) if semantic else None
         return ResponseCache(settings, make_store(settings, config.redis), embedder, self.metrics)
 
-    @staticmethod
-    def _new_retriever(config: SluiceConfig) -> Retriever | None:
+    def _new_retriever(self, config: SluiceConfig) -> Retriever | None:
         """RAG routes' retrieval (docs/rag.md), when any are configured at start-up."""
         rag = config.rag
         if not rag.routes:
             return None
         from sluice.rag.chroma import make_chunk_store  # chromadb is an optional dependency (sluice[rag])
 
-        return Retriever(make_chunk_store(rag.chroma, rag.timeout), make_embedder(rag.embedder), rag.timeout)
+        embedder = make_embedder(rag.embedder, self._local_embedder)
+        return Retriever(make_chunk_store(rag.chroma, rag.timeout), embedder, rag.timeout)
 
     def _dependencies(self) -> dict[str, bool]:
         """Which shared services answer now, as the parts that use them last saw (`sluice_dependency_up`)."""
@@ -554,6 +556,7 @@ class Gateway:
             await self.cache.close()
         if self.retriever is not None:
             await self.retriever.close()
+        await self._local_embedder.close()  # the gateway's own share: the thread stops once no user is left
         if self.audit is not None:
             await self.audit.close()
         if self.database is not None:

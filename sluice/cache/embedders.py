@@ -161,7 +161,12 @@ def _load_local_model(threads: int) -> _SentenceModel:
 
 
 class LocalEmbedder:
-    """all-MiniLM-L6-v2 in this process, on CPU: loaded once on first use, encoding on its own thread."""
+    """all-MiniLM-L6-v2 in this process, on CPU: loaded once on first use, encoding on its own thread.
+
+    One instance can serve several users (the cache and RAG: `share()` it, ~55 MiB of weights and a thread
+    fewer than two copies); each user's `close()` gives up its share and the last one stops the thread.
+    Users share the thread too, never the model across threads: the tokenizer is not thread-safe.
+    """
 
     def __init__(self, threads: int = 1) -> None:
         # One worker: the batcher feeds it whole batches. `threads` is torch's (process-wide) intra-op pool: keep
@@ -169,6 +174,12 @@ class LocalEmbedder:
         self._threads = threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-embedder")
         self._loading: asyncio.Future[_SentenceModel] | None = None
+        self._users = 1
+
+    def share(self) -> LocalEmbedder:
+        """This embedder for one more user (who closes it when done)."""
+        self._users += 1
+        return self
 
     @property
     def name(self) -> str:
@@ -189,7 +200,9 @@ class LocalEmbedder:
         return list(matrix)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._users -= 1
+        if self._users <= 0:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _encode(model: _SentenceModel, texts: list[str]) -> Any:
@@ -333,13 +346,13 @@ class BatchingEmbedder:
         await self._inner.close()
 
 
-def make_embedder(config: EmbedderConfig) -> BatchingEmbedder:
+def make_embedder(config: EmbedderConfig, local: LocalEmbedder | None = None) -> BatchingEmbedder:
     """The embedder `config` describes (validated: sluice/config.py), batched, each caller's wait bounded
-    by `config.timeout`."""
+    by `config.timeout`. `local`: an in-process model to share for kind local, instead of loading another."""
     inner: Embedder
     if config.kind == "openai":
         assert config.url is not None  # EmbedderConfig requires it for kind openai
         inner = RemoteEmbedder(config.url, config.model, config.timeout, config.api_key)
     else:
-        inner = LocalEmbedder()
+        inner = local.share() if local is not None else LocalEmbedder()
     return BatchingEmbedder(inner, config.max_batch, config.timeout)

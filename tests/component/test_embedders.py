@@ -204,3 +204,24 @@ async def test_local_model_ranks_paraphrases_above_unrelated_text() -> None:
         assert vector.dtype == np.float32 and vector.shape == (LOCAL_DIMENSIONS,) == (384,)
         assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-4
     assert float(ask[0] @ paraphrase[0]) > float(ask[0] @ unrelated[0]) + 0.3
+
+
+async def test_the_cache_and_rag_share_one_local_model() -> None:
+    """Two users of one LocalEmbedder: one load, one thread; closing one leaves the other working."""
+    local = LocalEmbedder()
+    cache_side = make_embedder(EmbedderConfig(timeout=300.0), local)
+    rag_side = make_embedder(EmbedderConfig(timeout=300.0), local)
+    assert cache_side.inner is rag_side.inner is local
+    try:
+        await asyncio.gather(cache_side.warm_up(), rag_side.warm_up())
+        model = local._loading
+        (one,), (two,) = await asyncio.gather(cache_side.embed(["shared model"]), rag_side.embed(["shared model"]))
+        assert local._loading is model and np.array_equal(one, two)  # loaded once, the same vectors
+        await cache_side.close()
+        (again,) = await rag_side.embed(["shared model"])  # still served after the other user left
+        assert np.array_equal(again, one)
+    finally:
+        await rag_side.close()
+        await local.close()  # the creator's share: the thread stops now
+    with pytest.raises(RuntimeError, match="shutdown"):  # every share given up: the thread is gone
+        await local.embed(["closed"])

@@ -237,6 +237,28 @@ async def test_corpus_version_scopes_the_cache(fake: StartFake, gateway: StartGa
     assert headers["x-sluice-cache"] == "miss"
 
 
+async def test_the_semantic_cache_and_rag_share_the_local_model(
+    fake: StartFake, gateway: StartGateway, embedded: ClientAPI
+) -> None:
+    """Both run all-MiniLM-L6-v2 in process: one copy of it (sluice/app.py), and both levels use it."""
+    gw = await gateway(
+        [await fake("base")], rag=embedded_section(embedded),
+        cache={"enabled": True, "store": "memory", "embedder": {"timeout": SLOW}},
+    )  # fmt: skip
+    assert gw.cache is not None and gw.cache.embedder is not None and gw.retriever is not None
+    assert gw.cache.embedder.inner is gw.retriever._embedder.inner  # type: ignore[attr-defined]
+    status, headers, answer = await chat(gw, INSTALL, model="base")
+    assert status == 200 and headers["x-sluice-cache"] == "miss"
+    status, headers, answer = await chat(gw, "How can I install Sluice?")
+    assert status == 200 and headers["x-sluice-grounded"] == "true" and answer["sources"]
+    for _ in range(50):  # the first answer is stored in the background
+        status, headers, _ = await chat(gw, "How do I install Sluice ?", model="base")
+        if headers["x-sluice-cache"].startswith("hit-semantic"):
+            break
+        await asyncio.sleep(0.1)
+    assert headers["x-sluice-cache"].startswith("hit-semantic"), headers
+
+
 async def eventually_cached(gw: Gateway) -> dict[str, str]:
     """The headers of a repeated question once its answer is in the cache (stored in the background)."""
     for _ in range(50):
