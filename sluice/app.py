@@ -25,6 +25,7 @@ from sluice.cache.embedders import LocalEmbedder, make_embedder
 from sluice.cache.service import ResponseCache
 from sluice.cache.stores import make_store
 from sluice.config import BackendConfig, SluiceConfig
+from sluice.console.logouts import Logouts
 from sluice.console.pages import ConsolePages
 from sluice.console.session import ConsoleSessions
 from sluice.console.state import ConsoleState
@@ -129,6 +130,8 @@ class Gateway:
         self.drains = Drains(self.backends, shared, config.redis.key_prefix, repair.sync_interval)
         self.repair = Repair(repair, self.drains, self.backends, self.metrics) if repair.enabled else None
         self.traffic = TrafficSampler(self.metrics, self.siblings)  # the console's series; runs while it is on
+        redis_config = config.redis  # console logouts reach every worker, and every replica through Redis
+        self.logouts = Logouts(redis_config.url, redis_config.key_prefix, redis_config.timeout, self.siblings)
         self.managed: ManagedKeys | None = None  # managed keys, once the database is open (`start`)
         self.revocations: RevocationFeed | None = None
         self.retriever = self._new_retriever(config)
@@ -227,7 +230,7 @@ class Gateway:
         local.handlers["openapi"] = self.openapi.serve
         local.handlers["admin_backend"] = AdminBackends(self.backends, self.drains).item
         sessions = self._console_sessions(config)
-        pages = ConsolePages(sessions, self.metrics)
+        pages = ConsolePages(sessions, self.metrics, self.logouts)
         state = ConsoleState(sessions is not None, self.backends, self.traffic, local.aliases)
         local.handlers.update(
             console=pages.shell,
@@ -268,7 +271,7 @@ class Gateway:
                     *([CorsStage(cors, ingress.route_for)] if cors is not None else []),  # marks 404s too
                     ingress,
                     *gate,
-                    AuthStage(config.auth, self.metrics, self.managed, self.jwt, sessions),
+                    AuthStage(config.auth, self.metrics, self.managed, self.jwt, sessions, self.logouts),
                     ParseStage(),
                     self._limits,
                     *media,  # after the limits: the host lookups it may make are paid for like requests
@@ -550,6 +553,7 @@ class Gateway:
             await self.siblings.close()
         await self.drains.close()
         await self.traffic.close()
+        await self.logouts.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.close)  # flushes the spans still queued
         if self.cache is not None:

@@ -34,7 +34,7 @@ class WorkerMetrics:
     def __init__(self, metrics: GatewayMetrics, siblings: Siblings) -> None:
         self._metrics = metrics
         self._siblings = siblings
-        siblings.answers[TOPIC] = lambda: orjson.dumps(_families(metrics.registry.collect()))
+        siblings.answers[TOPIC] = lambda _: orjson.dumps(_families(metrics.registry.collect()))
 
     async def render(self) -> bytes:
         """This worker's families merged with every sibling's that answers in time."""

@@ -386,7 +386,7 @@ def _operations() -> dict[str, dict[str, Schema]]:
         },
         "/console/logout": {
             "post": _operation(
-                "Log out of the console (clears the cookie)",
+                "Log out of the console (clears the cookie and ends its session on every worker and replica)",
                 {"303": _see_other("See Other: back to the console")},
                 CONSOLE_ERRORS,
             )

@@ -2,11 +2,12 @@
 
 Workers share the listening port, so any request reaches one of them at random; what must cover them all
 (`/metrics`, the console's traffic charts) is assembled by the worker that answered, from its siblings'
-answers. Each worker listens on a Unix socket `<pid>.sock` in a folder the supervisor made
-(`SLUICE_WORKERS_DIR`); a sibling connects, sends a topic on one line and reads the answer until the
-connection closes. An unknown topic gets an empty answer. Siblings are asked concurrently and given
-`SIBLING_TIMEOUT` in all; one that does not answer is left out (and its socket removed when nothing
-listens on it any more: a worker that died without cleaning up).
+answers; what one worker learns that all must know (a console logout) is told to the siblings the same
+way. Each worker listens on a Unix socket `<pid>.sock` in a folder the supervisor made
+(`SLUICE_WORKERS_DIR`); a sibling connects, sends a topic (and an argument after a space, if any) on
+one line and reads the answer until the connection closes. An unknown topic gets an empty answer.
+Siblings are asked concurrently and given `SIBLING_TIMEOUT` in all; one that does not answer is left
+out (and its socket removed when nothing listens on it any more: a worker that died without cleaning up).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 log = logging.getLogger("sluice.workers")
 SIBLING_TIMEOUT = 1.0
 WORKERS_ENV = "SLUICE_WORKERS_DIR"
-TOPIC_MAX_BYTES = 64
+LINE_MAX_BYTES = 256
 
-Answer = Callable[[], bytes]
+Answer = Callable[[str], bytes]  # the argument ("" when none) -> the answer
 
 
 class Siblings:
@@ -43,18 +44,20 @@ class Siblings:
             await self._server.wait_closed()
         self._socket.unlink(missing_ok=True)
 
-    async def ask(self, topic: str) -> list[bytes]:
+    async def ask(self, topic: str, argument: str = "") -> list[bytes]:
         """Every sibling's answer to `topic` that arrives in time (this worker's own is not included)."""
         siblings = [path for path in self._directory.glob("*.sock") if path != self._socket]
-        answers = await asyncio.gather(*(_ask(path, topic) for path in siblings))
+        line = f"{topic} {argument}" if argument else topic
+        answers = await asyncio.gather(*(_ask(path, line) for path in siblings))
         return [answer for answer in answers if answer is not None]
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(SIBLING_TIMEOUT):
-                topic = (await reader.readline())[:TOPIC_MAX_BYTES].strip().decode("ascii", "replace")
+                line = (await reader.readline())[:LINE_MAX_BYTES].strip().decode("ascii", "replace")
+            topic, _, argument = line.partition(" ")
             answer = self.answers.get(topic)
-            writer.write(answer() if answer is not None else b"")
+            writer.write(answer(argument) if answer is not None else b"")
             await writer.drain()
         except (OSError, TimeoutError):
             pass  # the asking worker gave up (timeout) or exited
@@ -62,12 +65,12 @@ class Siblings:
             writer.close()
 
 
-async def _ask(path: Path, topic: str) -> bytes | None:
+async def _ask(path: Path, line: str) -> bytes | None:
     try:
         async with asyncio.timeout(SIBLING_TIMEOUT):
             reader, writer = await asyncio.open_unix_connection(str(path))
             try:
-                writer.write(topic.encode("ascii") + b"\n")
+                writer.write(line.encode("ascii") + b"\n")
                 await writer.drain()
                 return await reader.read()
             finally:
@@ -76,7 +79,7 @@ async def _ask(path: Path, topic: str) -> bytes | None:
         if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
             with contextlib.suppress(OSError):
                 os.unlink(path)  # a worker that died without cleaning up
-        log.warning("a sibling worker did not answer", extra={"topic": topic, "error": str(exc)})
+        log.warning("a sibling worker did not answer", extra={"topic": line.partition(" ")[0], "error": str(exc)})
         return None
 
 

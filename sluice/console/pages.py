@@ -4,7 +4,8 @@
     GET  /console/static/<name>   its scripts, styles and images (names: ^[a-z0-9_-]+\\.(js|css|html|svg)$)
     POST /console/login           form field `admin_key` → 303 to /console with the session cookie, or
                                   303 to /console#login-failed without one
-    POST /console/logout          303 to /console, the cookie cleared
+    POST /console/logout          303 to /console, the cookie cleared and its session ended everywhere
+                                  (sluice/console/logouts.py)
 
 With the console off (`console.enabled: false`) or no `auth.admin_key`, all of them answer 404.
 """
@@ -17,7 +18,8 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from sluice.console.session import CLEARED_COOKIE, ConsoleSessions
+from sluice.console.logouts import Logouts
+from sluice.console.session import CLEARED_COOKIE, ConsoleSessions, session_cookie
 from sluice.context import RequestContext
 from sluice.errors import NotFound
 from sluice.metrics import GatewayMetrics
@@ -61,10 +63,17 @@ def console_off() -> NotFound:
 
 
 class ConsolePages:
-    def __init__(self, sessions: ConsoleSessions | None, metrics: GatewayMetrics, static: Path | None = None) -> None:
-        """`sessions`: None while the console is off (no admin key, or `console.enabled: false`); `static`: the
-        files' folder (default: the package's)."""
+    def __init__(
+        self,
+        sessions: ConsoleSessions | None,
+        metrics: GatewayMetrics,
+        logouts: Logouts | None = None,
+        static: Path | None = None,
+    ) -> None:
+        """`sessions`: None while the console is off (no admin key, or `console.enabled: false`); `logouts`:
+        where a logout is recorded; `static`: the files' folder (default: the package's)."""
         self._sessions = sessions
+        self._logouts = logouts
         self._metrics = metrics
         self._static = static or STATIC
 
@@ -100,7 +109,13 @@ class ConsolePages:
         _redirect(ctx, "/console#login-failed")
 
     async def logout(self, ctx: RequestContext) -> None:
-        self._on()
+        """Clear the cookie, and end its session everywhere (sluice/console/logouts.py)."""
+        sessions = self._on()
+        token = session_cookie(ctx.request.header(b"cookie"))
+        session = sessions.verify(token) if token is not None else None
+        if session is not None and self._logouts is not None:
+            await self._logouts.record(session)
+            log.info("console logout", extra={"request_id": ctx.request_id, "client_ip": ctx.client_ip})
         _redirect(ctx, "/console", ("set-cookie", CLEARED_COOKIE))
 
     def _on(self) -> ConsoleSessions:

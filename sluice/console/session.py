@@ -1,10 +1,11 @@
-"""Console sessions: stateless signed tokens in the `sluice_console` cookie, and the admin-key check at login.
+"""Console sessions: signed tokens in the `sluice_console` cookie, and the admin-key check at login.
 
-A token is `base64url(expiry) "." base64url(HMAC-SHA256(secret, expiry))`, the expiry in whole Unix
-seconds. The secret is derived from `auth.admin_key` (HMAC(admin_key, "sluice console session")), so
-every worker and replica accepts a token any of them issued, and rotating the admin key ends every
-session. Nothing is stored; a session cannot be revoked alone before it expires (logging out only
-clears the browser's cookie).
+A token is `base64url(expiry ":" id) "." base64url(HMAC-SHA256(secret, expiry ":" id))`, the expiry in
+whole Unix seconds and the id 16 random bytes in hex. The secret is derived from `auth.admin_key`
+(HMAC(admin_key, "sluice console session")), so every worker and replica accepts a token any of them
+issued, and rotating the admin key ends every session. The token alone says nothing of logging out:
+the id is what sluice/console/logouts.py remembers until the expiry, so a logged-out session is refused
+everywhere, not only forgotten by the browser.
 """
 
 from __future__ import annotations
@@ -13,13 +14,23 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
+import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 COOKIE = b"sluice_console"
 CONSOLE_HEADER = b"x-sluice-console"  # must be "1": a cross-site form cannot set a header (CSRF)
 SECRET_LABEL = b"sluice console session"
 MAX_TOKEN_BYTES = 256
+PAYLOAD = re.compile(rb"([0-9]{1,12}):([0-9a-f]{32})")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    expires: int  # Unix seconds
 
 
 class ConsoleSessions:
@@ -35,23 +46,28 @@ class ConsoleSessions:
         return hmac.compare_digest(self._admin_digest, hashlib.sha256(candidate).digest())
 
     def issue(self) -> str:
-        payload = str(int(self._clock()) + self.ttl).encode()
+        payload = f"{int(self._clock()) + self.ttl}:{secrets.token_hex(16)}".encode()
         return f"{_encode(payload)}.{_encode(self._sign(payload))}"
 
-    def valid(self, token: bytes) -> bool:
-        """Whether `token` was issued under this admin key and has not expired."""
+    def verify(self, token: bytes) -> Session | None:
+        """The session of `token` if it was issued under this admin key and has not expired (logging out is
+        checked apart: sluice/console/logouts.py)."""
         if len(token) > MAX_TOKEN_BYTES:
-            return False
+            return None
         encoded_payload, dot, encoded_mac = token.partition(b".")
         if not dot:
-            return False
+            return None
         try:
             payload, mac = _decode(encoded_payload), _decode(encoded_mac)
         except (binascii.Error, ValueError):
-            return False
-        if not hmac.compare_digest(self._sign(payload), mac) or not payload.isdigit():
-            return False
-        return self._clock() < int(payload)
+            return None
+        matched = PAYLOAD.fullmatch(payload)
+        if not hmac.compare_digest(self._sign(payload), mac) or matched is None:
+            return None
+        expires = int(matched.group(1))
+        if self._clock() >= expires:
+            return None
+        return Session(matched.group(2).decode(), expires)
 
     def cookie(self, token: str) -> str:
         """The `Set-Cookie` value that keeps `token` for the session's lifetime."""

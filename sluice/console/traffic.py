@@ -82,7 +82,7 @@ class TrafficSampler:
         self._last_base: _Snapshot | None = None  # where the newest point starts
         self._task: asyncio.Task[None] | None = None
         if siblings is not None:
-            siblings.answers[TOPIC] = lambda: orjson.dumps(list(self._points) if self.running else [])
+            siblings.answers[TOPIC] = lambda _: orjson.dumps(list(self._points) if self.running else [])
 
     @property
     def running(self) -> bool:

@@ -24,7 +24,8 @@ import logging
 from collections.abc import Awaitable
 
 from sluice.config import AuthConfig
-from sluice.console.session import CONSOLE_HEADER, ConsoleSessions, session_cookie
+from sluice.console.logouts import Logouts
+from sluice.console.session import CONSOLE_HEADER, ConsoleSessions, Session, session_cookie
 from sluice.context import Limits, Principal, RequestContext
 from sluice.errors import NotFound, Unauthorized
 from sluice.identity.jwt import InvalidToken, JwtVerifier, looks_like_jwt
@@ -46,10 +47,13 @@ class AuthStage:
         managed: ManagedKeys | None = None,
         jwt: JwtVerifier | None = None,
         sessions: ConsoleSessions | None = None,
+        logouts: Logouts | None = None,
     ) -> None:
-        """`sessions`: console sessions, accepted as credentials while the console is on."""
+        """`sessions`: console sessions, accepted as credentials while the console is on, unless `logouts`
+        has them."""
         self._admin = hashlib.sha256(config.admin_key.encode()).digest() if config.admin_key else None
         self._sessions = sessions
+        self._logouts = logouts
         self._metrics = metrics
         self._managed = managed
         self._jwt = jwt
@@ -72,15 +76,15 @@ class AuthStage:
         route = ctx.route
         if route is not None and route.admin:
             header = ctx.request.header(b"authorization")
-            if header is None and self._sessions is not None and self._console_request(ctx):
-                return None
+            if header is None and self._console_request(ctx):
+                return self._console_session(ctx)
             ctx.principal = self.authenticate_admin(header)
             return None
         if route is not None and route.public:
             return None
         header = ctx.request.header(b"authorization")
-        if header is None and self._sessions is not None and self._console_request(ctx):
-            return None
+        if header is None and self._console_request(ctx):
+            return self._console_session(ctx)
         token = self._bearer(header)
         digest = hashlib.sha256(token).digest()
         found = self._by_digest.get(digest)
@@ -120,16 +124,28 @@ class AuthStage:
             raise
 
     def _console_request(self, ctx: RequestContext) -> bool:
-        """A request from the console's page: its session must be valid (401 otherwise). False: not one."""
-        request = ctx.request
-        if request.header(CONSOLE_HEADER) != b"1":
-            return False
-        token = session_cookie(request.header(b"cookie"))
+        """Whether this is a request from the console's page (its session is then its only credential)."""
+        return self._sessions is not None and ctx.request.header(CONSOLE_HEADER) == b"1"
+
+    def _console_session(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """Admit the console's request if its session is valid and not logged out (401 otherwise)."""
+        token = session_cookie(ctx.request.header(b"cookie"))
         assert self._sessions is not None
-        if token is None or not self._sessions.valid(token):
+        session = self._sessions.verify(token) if token is not None else None
+        if session is None:
             raise self._refuse("console_session")
+        logouts = self._logouts
+        if logouts is not None and logouts.ended_here(session):
+            raise self._refuse("console_logged_out")
+        if logouts is not None and logouts.shared:
+            return self._not_logged_out_elsewhere(ctx, logouts, session)
         ctx.principal = CONSOLE
-        return True
+        return None
+
+    async def _not_logged_out_elsewhere(self, ctx: RequestContext, logouts: Logouts, session: Session) -> None:
+        if await logouts.ended(session):
+            raise self._refuse("console_logged_out")
+        ctx.principal = CONSOLE
 
     def _refuse(self, reason: str) -> Unauthorized:
         self._metrics.auth_failures.child(reason).inc()

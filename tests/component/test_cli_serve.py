@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,40 @@ def sibling_answer(path: Path, topic: str) -> Any:
         connection.sendall(topic.encode() + b"\n")
         data = b"".join(iter(lambda: connection.recv(65536), b""))
     return json.loads(data)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def console_post(port: int, path: str, cookie: str = "", form: bytes = b"") -> tuple[int, Message]:
+    """Status and headers of a console form post, its redirect not followed."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=form, headers={"Cookie": cookie})
+    try:
+        with opener.open(request, timeout=5) as response:
+            return int(response.status), response.headers
+    except urllib.error.HTTPError as error:  # a redirect not followed lands here
+        return error.code, error.headers
+
+
+def console_login(port: int) -> str:
+    """A new console session's cookie (`name=value`)."""
+    status, headers = console_post(port, "/console/login", form=b"admin_key=admin-cli-0123456789")
+    assert status == 303
+    return str(headers["Set-Cookie"]).split(";")[0]
+
+
+def console_poll(port: int, cookie: str) -> int:
+    """`/console/api/state` with a session cookie, on a fresh connection (either worker may answer)."""
+    headers = {"Cookie": cookie, "X-Sluice-Console": "1"}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/console/api/state", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 @pytest.fixture
@@ -111,6 +146,11 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
     for _ in range(6):
         status, state = http(f"http://127.0.0.1:{port}/console/api/state", key="admin-cli-0123456789")
         assert status == 200 and sum(point["requests"] for point in state["traffic"]["points"]) == 40, state
+    # A console logout answered by one worker ends the session in the other too.
+    gone, kept = console_login(port), console_login(port)
+    assert console_post(port, "/console/logout", gone)[0] == 303
+    assert [console_poll(port, gone) for _ in range(10)] == [401] * 10
+    assert [console_poll(port, kept) for _ in range(10)] == [200] * 10
     os.killpg(gateway.pid, signal.SIGTERM)
     assert gateway.wait(10) == 0
     log.close()

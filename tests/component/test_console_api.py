@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as redis
 from multidict import CIMultiDict
 
 from sluice.app import Gateway
@@ -70,6 +74,66 @@ async def test_login_sets_a_strict_session_cookie(fake: StartFake, gateway: Star
     status, headers, _, cookies = await request(gw.url, "POST", "/console/logout")
     assert status == 303 and headers["Location"] == "/console"
     assert cookies and "sluice_console=;" in cookies[0] and "Max-Age=0" in cookies[0]
+
+
+async def logout(url: str, token: str) -> None:
+    status, headers, _, cookies = await request(url, "POST", "/console/logout", with_session(token, console=False))
+    assert status == 303 and headers["Location"] == "/console" and "Max-Age=0" in cookies[0]
+
+
+async def state_status(url: str, token: str) -> int:
+    return (await request(url, "GET", "/console/api/state", with_session(token)))[0]
+
+
+async def test_logout_ends_that_session_everywhere_it_is_used(fake: StartFake, gateway: StartGateway) -> None:
+    """Not only the browser's copy: the logged-out token is refused as a credential, other sessions go on."""
+    gw = await gateway([await fake("base")], auth=AUTH, health=HEALTH)
+    gone, kept = await session_token(gw), await session_token(gw)
+    await logout(gw.url, gone)
+    for path in ("/console/api/state", "/admin/keys", "/v1/models"):
+        status, _, body, _ = await request(gw.url, "GET", path, with_session(gone))
+        assert status == 401, (path, body)
+    status, _, _, _ = await request(gw.url, "POST", "/v1/chat/completions", with_session(gone), json=CHAT)
+    assert status == 401
+    assert await state_status(gw.url, kept) == 200
+    await logout(gw.url, "not-a-token")  # nothing to end: the cookie is cleared all the same
+    status, _, _, _ = await request(gw.url, "POST", "/console/logout")
+    assert status == 303
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
+        assert 'sluice_auth_failures_total{reason="console_logged_out"} 4.0' in await response.text()
+
+
+async def test_a_logout_reaches_every_replica_through_redis(fake: StartFake, gateway: StartGateway) -> None:
+    prefix = f"test-logout-{free_port()}:"
+    shared = {"url": "redis://127.0.0.1:6379/0", "key_prefix": prefix}
+    backend = await fake("base")
+    one = await gateway([backend], auth=AUTH, health=HEALTH, redis=shared)
+    two = await gateway([backend], auth=AUTH, health=HEALTH, redis=shared)
+    token = await session_token(one)
+    assert await state_status(two.url, token) == 200  # one admin key: every replica accepts the session
+    await logout(one.url, token)
+    assert await state_status(two.url, token) == 401
+    client = redis.Redis.from_url(shared["url"])
+    try:
+        (key,) = await client.keys(prefix + "console:logout:*")
+        assert 28790 < await client.ttl(key) <= 28800  # kept until the token would have expired anyway
+        await client.delete(key)
+    finally:
+        await client.aclose()
+    assert await state_status(one.url, token) == 401  # the replica that saw the logout remembers it itself
+
+
+async def test_with_redis_down_a_logout_still_holds_where_it_was_made(
+    fake: StartFake, gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": 0.2}
+    gw = await gateway([await fake("base")], auth=AUTH, health=HEALTH, redis=closed)
+    gone, kept = await session_token(gw), await session_token(gw)
+    with caplog.at_level(logging.WARNING, logger="sluice.console"):
+        assert await state_status(gw.url, kept) == 200  # the console keeps working in the outage
+        await logout(gw.url, gone)
+        assert await state_status(gw.url, gone) == 401
+    assert any("Redis did not answer" in record.getMessage() for record in caplog.records)
 
 
 async def test_a_wrong_key_gets_no_cookie_and_is_not_written_anywhere(
@@ -150,11 +214,20 @@ def test_sessions_unit() -> None:
     now = [1000.0]
     sessions = ConsoleSessions(ADMIN, 60, clock=lambda: now[0])
     token = sessions.issue().encode()
-    assert sessions.valid(token)
+    session = sessions.verify(token)
+    assert session is not None and session.expires == 1060 and len(session.id) == 32
+    other = sessions.verify(sessions.issue().encode())
+    assert other is not None and other.id != session.id  # every login its own session
     now[0] += 59
-    assert sessions.valid(token)
+    assert sessions.verify(token) == session
     now[0] += 1
-    assert not sessions.valid(token)
+    assert sessions.verify(token) is None
+    now[0] = 1000.0
+    old_format = b"1060"  # a token of the expiry alone, as before sessions had ids: signed, but refused
+    signed = base64.urlsafe_b64encode(old_format).rstrip(b"=") + b"." + base64.urlsafe_b64encode(
+        hmac.new(sessions._secret, old_format, hashlib.sha256).digest()
+    ).rstrip(b"=")
+    assert sessions.verify(signed) is None
     assert sessions.accepts_key(ADMIN.encode()) and not sessions.accepts_key(b"admin")
     assert session_cookie(b"a=1; sluice_console=tok; b=2") == b"tok"
     assert session_cookie(b"xsluice_console=tok") is None

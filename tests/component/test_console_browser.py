@@ -5,7 +5,8 @@ and undrain one from the page (and be refused draining the last backend of a mod
 key in the page and use it with the `openai` client, revoke it in the page and see the client refused,
 kill a fake and see its row turn unhealthy, read the usage table, stream a playground answer that must
 be seen partly written before it is complete, ask the RAG route and see the sources it was grounded on
-(a real embedded Chroma and the local embedder), and look at the traffic charts. Each section is saved as
+(a real embedded Chroma and the local embedder), look at the traffic charts, and log out (the session's
+cookie is then refused, not only forgotten). Each section is saved as
 console-*.png at 1280×800 on the way: into a temporary folder, or, with SLUICE_SCREENSHOTS=1, into
 docs/img/ (the screenshots in docs/console.md and the README), so a test run does not rewrite them.
 
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import chromadb
 import openai
 import pytest
@@ -289,3 +291,15 @@ async def walk_through(page: Page, gw: Gateway, plain_fake: FakeVLLM) -> None:
         "aria-label", re.compile(r"^Requests / s: latest requests/s \d")
     )
     await screenshot(page, "traffic")
+
+    # -- log out: the page asks for the key again, and the session's cookie is no credential any more
+    (cookie,) = [c for c in await page.context.cookies() if c["name"] == "sluice_console"]
+    await page.get_by_role("button", name="Log out").click()
+    await expect(page.get_by_label("Admin key")).to_be_visible()
+    assert not [c for c in await page.context.cookies() if c["name"] == "sluice_console"]
+    headers = {"Cookie": f"sluice_console={cookie['value']}", "X-Sluice-Console": "1"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url + "/console/api/state", headers=headers) as response,
+    ):
+        assert response.status == 401  # a copy kept elsewhere is refused too
