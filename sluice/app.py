@@ -271,7 +271,15 @@ class Gateway:
                     *([CorsStage(cors, ingress.route_for)] if cors is not None else []),  # marks 404s too
                     ingress,
                     *gate,
-                    AuthStage(config.auth, self.metrics, self.managed, self.jwt, sessions, self.logouts),
+                    AuthStage(
+                        config.auth,
+                        self.metrics,
+                        self.managed,
+                        self.jwt,
+                        sessions,
+                        self.logouts,
+                        console_only=ingress.admin is True,  # the admin listener: the playground's calls only
+                    ),
                     ParseStage(),
                     self._limits,
                     *media,  # after the limits: the host lookups it may make are paid for like requests

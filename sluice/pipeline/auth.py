@@ -48,12 +48,15 @@ class AuthStage:
         jwt: JwtVerifier | None = None,
         sessions: ConsoleSessions | None = None,
         logouts: Logouts | None = None,
+        console_only: bool = False,
     ) -> None:
         """`sessions`: console sessions, accepted as credentials while the console is on, unless `logouts`
-        has them."""
+        has them. `console_only`: API routes take console sessions and nothing else (the admin listener,
+        which routes the playground's calls only for the console)."""
         self._admin = hashlib.sha256(config.admin_key.encode()).digest() if config.admin_key else None
         self._sessions = sessions
         self._logouts = logouts
+        self._console_only = console_only
         self._metrics = metrics
         self._managed = managed
         self._jwt = jwt
@@ -85,6 +88,11 @@ class AuthStage:
         header = ctx.request.header(b"authorization")
         if header is None and self._console_request(ctx):
             return self._console_session(ctx)
+        if self._console_only:
+            raise NotFound(
+                f"{ctx.request.path[:200]} is served on the API listener (server.port); this one (server.admin_port)"
+                " serves the admin API and the console."
+            )
         token = self._bearer(header)
         digest = hashlib.sha256(token).digest()
         found = self._by_digest.get(digest)

@@ -1,7 +1,9 @@
 """Matches the request to a route: unknown paths get 404, wrong methods 405 with `Allow`.
 
 Routes are exact paths, plus prefixes for paths that carry an id (`/admin/keys/<id>/revoke`). With a
-separate admin listener each listener's ingress knows only its own routes, so the other's answer 404.
+separate admin listener each listener's ingress knows only its own routes, so the other's answer 404 —
+except the console's playground calls (`CONSOLE_CALLS`), which the admin listener also routes, for
+console sessions only (sluice/pipeline/auth.py), so the console works where it is served.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ from collections.abc import Mapping
 from sluice.context import RequestContext, Route
 from sluice.errors import MethodNotAllowed, NotFound
 
+CONSOLE_CALLS = frozenset({"chat"})  # API routes the console's playground calls, on the admin listener too
+
 
 class IngressStage:
     def __init__(
         self, routes: Mapping[str, Route], prefixes: Mapping[str, Route] | None = None, admin: bool | None = None
     ) -> None:
-        """`admin`: None serves every route; True only the admin routes and the console's pages, False all but
-        them (for a gateway whose admin API has a listener of its own, `server.admin_port`)."""
+        """`admin`: None serves every route; True only the admin routes, the console's pages and its
+        playground's calls, False all but the first two (for a gateway whose admin API has a listener of
+        its own, `server.admin_port`)."""
+        self.admin = admin
         self._routes = {
-            path: route for path, route in routes.items() if admin is None or route.on_admin_listener == admin
+            path: route
+            for path, route in routes.items()
+            if admin is None or route.on_admin_listener == admin or (admin and route.name in CONSOLE_CALLS)
         }
         self._prefixes = tuple(
             (prefix, route)

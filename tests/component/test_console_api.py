@@ -388,6 +388,23 @@ async def test_the_console_lives_on_the_admin_listener(fake: StartFake, gateway:
     assert (await request(gw.admin_url, "GET", "/console/api/state", with_session(token)))[0] == 200
     status, headers, _, _ = await request(gw.url, "POST", "/v1/chat/completions", with_session(token), json=CHAT)
     assert status == 200 and headers["X-Sluice-Backend"] == "b0"  # a session works on the API listener too
+    # The playground works where the page is: the admin listener takes its chat calls, from sessions only.
+    status, headers, body, _ = await request(
+        gw.admin_url, "POST", "/v1/chat/completions", with_session(token), json={**CHAT, "stream": True}
+    )
+    assert status == 200 and headers["X-Sluice-Backend"] == "b0" and body.rstrip().endswith(b"data: [DONE]")
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    status, _, body, _ = await request(gw.admin_url, "POST", "/v1/chat/completions", bearer, json=CHAT)
+    assert status == 404 and b"server.port" in body  # API keys use the API listener
+    statuses = [
+        (await request(gw.admin_url, "POST", "/v1/chat/completions", headers, json=CHAT))[0]
+        for headers in ({}, with_session(token, console=False), with_session("forged.token"))
+    ]
+    assert statuses == [404, 404, 401]  # not a console call: not served here; a console call: its session
+    for path in ("/v1/completions", "/v1/embeddings", "/v1/models", "/v1/usage"):  # the playground needs none
+        method = "GET" if path in ("/v1/models", "/v1/usage") else "POST"
+        status, _, _, _ = await request(gw.admin_url, method, path, with_session(token), json=CHAT)
+        assert status == 404, path
 
 
 async def test_the_sampler_follows_an_admin_key_given_or_taken_by_a_reload(
