@@ -150,7 +150,7 @@ def _scraped(read: Callable[[Backend], float]) -> Callable[[Backend, float], flo
 # Per-backend gauges read from live state at scrape time: (name, help, value or None to omit).
 BACKEND_GAUGES: tuple[tuple[str, str, Callable[[Backend, float], float | None]], ...] = (
     ("sluice_backend_up", "1 if the backend passes health checks.", lambda b, _now: 1.0 if b.healthy else 0.0),
-    ("sluice_backend_drained", "1 while automatic repair keeps new requests off the backend (sluice/repair.py).",
+    ("sluice_backend_drained", "1 while a drain (automatic repair or the console) keeps new requests off the backend.",
      lambda b, _now: 1.0 if b.drained_by else 0.0),
     ("sluice_backend_in_flight", "Requests the gateway has outstanding on the backend.",
      lambda b, _now: b.in_flight),

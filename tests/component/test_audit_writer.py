@@ -103,8 +103,13 @@ async def test_no_room_for_records_follows_on_full(
 
         def journal_full_long_enough() -> bool:
             # Not a fixed count: on a slow disk the queue also fills for a moment while the journal syncs
-            # (a 503 under `reject` too), so run until the journal is full and the policy has acted 20 times.
-            return writer.journal_failing and writer.counts["rejected" if policy == "reject" else "dropped"] >= 20
+            # (a 503 under `reject` too), so run until the journal is full, the queue behind it too (which
+            # lasts: nothing drains it), and the policy has acted 20 times.
+            if not writer.journal_failing:
+                return False
+            if policy == "reject":
+                return writer.saturated and writer.counts["rejected"] >= 20
+            return writer.counts["dropped"] >= 20
 
         async def client() -> None:
             while len(statuses) < 30_000 and not journal_full_long_enough():
