@@ -2,8 +2,8 @@
 
 Each point covers one interval (2 s): proxied requests (count and per second), 5xx answers and 429s
 per second, the response cache's hit rate, and per model its requests per second and the p50/p99 of its
-latency and time to first token. Percentiles come from the histograms' bucket deltas over the interval, interpolated
-linearly within the bucket as Prometheus' `histogram_quantile` does. The last 150 points (5 minutes) are
+latency and time to first token. Percentiles come from the histograms' bucket deltas over the interval,
+interpolated linearly within the bucket as Prometheus' `histogram_quantile` does. The last 150 points (5 minutes) are
 kept in a ring buffer. Nothing here touches the request path: the sampler reads the instruments the
 errors stage already updates.
 

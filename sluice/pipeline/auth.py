@@ -13,7 +13,10 @@ with no admin key configured the admin routes answer 404.
 A console session (sluice/console/session.py) stands for the admin credential on admin routes and for a
 caller on API routes (principal kind "console": every model, no limits of its own), but only on requests
 without an `Authorization` header that carry `X-Sluice-Console: 1`, which a cross-site form cannot send.
-The cookie is only looked at when there is no bearer credential, so API calls pay nothing for it.
+The cookie is only looked at when there is no bearer credential, so API calls pay nothing for it. A
+logged-out session is refused (sluice/console/logouts.py; a Redis lookup when logouts are shared). On the
+admin listener (`server.admin_port`), API routes take console sessions only: it routes the playground's
+calls for the console, and API keys belong on the API listener.
 """
 
 from __future__ import annotations
