@@ -151,7 +151,7 @@ async def test_console_in_a_browser(tmp_path: Path, fake: StartFake, gateway: St
         finally:
             await browser.close()
         assert problems == [], problems  # no script error on the page
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 90  # a hang, not slowness: two embedder loads and a browser start
 
 
 async def walk_through(page: Page, gw: Gateway, plain_fake: FakeVLLM) -> None:
