@@ -5,8 +5,7 @@
     POST /admin/backends/<name>/undrain   → the same; alerts still draining it keep it drained
 
 The reason recorded in `drained_by` is "console". Drains go through sluice/drains.py, as repair's do:
-shared with every replica and worker through Redis when repair runs with `redis.url`, otherwise kept by
-the process that answered.
+told to the sibling workers at once, and shared with every replica through Redis with `redis.url`.
 """
 
 from __future__ import annotations

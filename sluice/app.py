@@ -125,9 +125,10 @@ class Gateway:
             from sluice.tracing import Tracing  # OpenTelemetry is loaded only when tracing is on
 
             self.tracing = Tracing(config.tracing)
-        repair = config.repair  # drains are shared through Redis when repair runs (sluice/drains.py)
-        shared = config.redis.url if repair.enabled else None
-        self.drains = Drains(self.backends, shared, config.redis.key_prefix, repair.sync_interval)
+        repair = config.repair  # drains reach sibling workers, and other replicas through Redis (sluice/drains.py)
+        self.drains = Drains(
+            self.backends, config.redis.url, config.redis.key_prefix, repair.sync_interval, self.siblings
+        )
         self.repair = Repair(repair, self.drains, self.backends, self.metrics) if repair.enabled else None
         self.traffic = TrafficSampler(self.metrics, self.siblings)  # the console's series; runs while it is on
         redis_config = config.redis  # console logouts reach every worker, and every replica through Redis

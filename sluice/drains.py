@@ -6,9 +6,10 @@ models without a healthy, undrained backend is refused: draining must never turn
 missing one.
 
 Automatic repair (sluice/repair.py) and the console's drain buttons (sluice/admin_backends.py) both go
-through here. With a Redis client (repair on and `redis.url` set) drains are kept in a hash shared by
-every replica and worker, read every `repair.sync_interval`, so all of them act whichever one was asked;
-without, they apply to this process only.
+through here. A drain reaches the sibling workers of this replica at once (topic `drain` on
+sluice/siblings.py: the console's next poll may land on any of them). With `redis.url` drains are also
+kept in a hash shared by every replica, read every `repair.sync_interval`, so all of them act whichever
+one was asked; without Redis they hold in this replica's workers until they restart.
 """
 
 from __future__ import annotations
@@ -20,16 +21,28 @@ from typing import Literal
 
 import redis.asyncio as redis
 
+from sluice.siblings import Siblings
 from sluice.upstream.backends import Backend, Backends
 
 log = logging.getLogger("sluice.drains")
 SEPARATOR = "|"
+TOPIC = "drain"
 Outcome = Literal["done", "already", "refused_last_backend"]
 
 
 class Drains:
-    def __init__(self, backends: Backends, redis_url: str | None, prefix: str, sync_interval: float) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        redis_url: str | None,
+        prefix: str,
+        sync_interval: float,
+        siblings: Siblings | None = None,
+    ) -> None:
         self._backends = backends
+        self._siblings = siblings
+        if siblings is not None:
+            siblings.answers[TOPIC] = self._told
         self._key = prefix + "drained"
         self._sync_interval = sync_interval
         self._client = (
@@ -40,7 +53,7 @@ class Drains:
 
     @property
     def shared(self) -> bool:
-        """Whether drains reach every replica and worker (through Redis) rather than this process only."""
+        """Whether drains reach every replica (through Redis) rather than this replica's workers only."""
         return self._client is not None
 
     async def start(self) -> None:
@@ -62,6 +75,7 @@ class Drains:
         await self._store(backend.name, reason, True)
         self._drains.add((backend.name, reason))
         self.apply()
+        await self._tell_siblings(backend.name, reason, True)
         return "done"
 
     async def undrain(self, backend: Backend, reason: str) -> Outcome:
@@ -70,6 +84,7 @@ class Drains:
         await self._store(backend.name, reason, False)
         self._drains.discard((backend.name, reason))
         self.apply()
+        await self._tell_siblings(backend.name, reason, False)
         return "done"
 
     def orphaned_by(self, backend: Backend) -> list[str]:
@@ -88,6 +103,19 @@ class Drains:
                 await self._client.hdel(self._key, field)
         except (redis.RedisError, OSError) as exc:
             log.warning("drain not shared with other replicas (Redis)", extra={"error": str(exc)})
+
+    async def _tell_siblings(self, backend: str, reason: str, drained: bool) -> None:
+        if self._siblings is not None:
+            await self._siblings.ask(TOPIC, SEPARATOR.join((backend, reason, "1" if drained else "0")))
+
+    def _told(self, argument: str) -> bytes:
+        """A sibling's drain or undrain (`<backend>|<reason>|1` or `…|0`)."""
+        parts = argument.rsplit(SEPARATOR, 2)
+        if len(parts) == 3 and parts[0] and parts[1] and parts[2] in ("0", "1"):
+            backend, reason, drained = parts
+            (self._drains.add if drained == "1" else self._drains.discard)((backend, reason))
+            self.apply()
+        return b"ok"
 
     def apply(self) -> None:
         """Mark each backend with the reasons draining it (also after a reload replaced backends)."""

@@ -10,7 +10,7 @@ without a healthy, undrained backend is refused: repair must never turn a slow m
 
 Drains are kept by sluice/drains.py (the console's drain buttons use it too): with Redis (`redis.url`) in
 a hash shared by every replica and worker, read every `repair.sync_interval`, so whichever replica
-Alertmanager reaches, all of them act. Without Redis they apply to the process that received the webhook.
+Alertmanager reaches, all of them act. Without Redis they apply to the workers of the replica that received it.
 Every action is logged (`sluice.repair`) and counted (`sluice_repair_actions_total`);
 `sluice_backend_drained` shows the state.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 log = logging.getLogger("sluice.workers")
 SIBLING_TIMEOUT = 1.0
 WORKERS_ENV = "SLUICE_WORKERS_DIR"
-LINE_MAX_BYTES = 256
+LINE_MAX_BYTES = 1024
 
 Answer = Callable[[str], bytes]  # the argument ("" when none) -> the answer
 
@@ -54,7 +54,7 @@ class Siblings:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(SIBLING_TIMEOUT):
-                line = (await reader.readline())[:LINE_MAX_BYTES].strip().decode("ascii", "replace")
+                line = (await reader.readline())[:LINE_MAX_BYTES].strip().decode("utf-8", "replace")
             topic, _, argument = line.partition(" ")
             answer = self.answers.get(topic)
             writer.write(answer(argument) if answer is not None else b"")
@@ -70,7 +70,7 @@ async def _ask(path: Path, line: str) -> bytes | None:
         async with asyncio.timeout(SIBLING_TIMEOUT):
             reader, writer = await asyncio.open_unix_connection(str(path))
             try:
-                writer.write(line.encode("ascii") + b"\n")
+                writer.write(line.encode() + b"\n")
                 await writer.drain()
                 return await reader.read()
             finally:

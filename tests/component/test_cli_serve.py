@@ -289,3 +289,45 @@ def test_sighup_and_sluice_reload_reach_every_worker(tmp_path: Path, processes: 
     os.kill(gateway.pid, signal.SIGHUP)  # a broken file on SIGHUP: refused, the running config stays
     time.sleep(0.5)
     assert gateway.poll() is None and everyone_accepts(third)
+
+
+def test_a_console_drain_reaches_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """No Redis: the drain button's worker tells its sibling, so every poll and every request agrees."""
+    ports = [free_port(), free_port()]
+    for fake_port in ports:
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"]
+        ))  # fmt: skip
+        wait_http(f"http://127.0.0.1:{fake_port}/health")
+    port, admin = free_port(), "admin-cli-0123456789"
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{ports[0]}'}}\n"
+        f"  - {{name: b, url: 'http://127.0.0.1:{ports[1]}'}}\n"
+        f"auth:\n  admin_key: {admin}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    processes.append(gateway)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+
+    def drained_b() -> list[bool]:
+        """What 10 state polls on fresh connections (either worker) say of b."""
+        answers = [http(f"http://127.0.0.1:{port}/console/api/state", key=admin)[1] for _ in range(10)]
+        return [next(b["drained"] for b in state["backends"] if b["name"] == "b") for state in answers]
+
+    def served_by_b(count: int) -> int:
+        before = http(f"http://127.0.0.1:{ports[1]}/fake/stats")[1]["requests_total"]
+        body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+        assert all(http(f"http://127.0.0.1:{port}/v1/chat/completions", body, KEY)[0] == 200 for _ in range(count))
+        return int(http(f"http://127.0.0.1:{ports[1]}/fake/stats")[1]["requests_total"]) - before
+
+    assert drained_b() == [False] * 10 and served_by_b(20) > 0
+    assert http(f"http://127.0.0.1:{port}/admin/backends/b/drain", {}, admin)[0] == 200
+    assert drained_b() == [True] * 10
+    assert served_by_b(20) == 0  # neither worker sends b anything
+    assert http(f"http://127.0.0.1:{port}/admin/backends/b/undrain", {}, admin)[0] == 200
+    assert drained_b() == [False] * 10 and served_by_b(20) > 0
