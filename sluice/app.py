@@ -232,7 +232,7 @@ class Gateway:
         local.handlers["admin_backend"] = AdminBackends(self.backends, self.drains).item
         sessions = self._console_sessions(config)
         pages = ConsolePages(sessions, self.metrics, self.logouts)
-        state = ConsoleState(sessions is not None, self.backends, self.traffic, local.aliases)
+        state = ConsoleState(sessions is not None, self.backends, self.traffic, local.aliases, self.siblings)
         local.handlers.update(
             console=pages.shell,
             console_static=pages.static,

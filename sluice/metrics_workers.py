@@ -4,10 +4,10 @@ Workers share the listening port, so a scrape reaches one of them at random; alo
 only its own share and the series would jump between workers' values. So the worker that answers a
 scrape asks its siblings for their current metric families (topic `metrics` on the channel of
 sluice/siblings.py) and merges: counters and histograms are summed, gauges of shared totals (requests in
-flight, queue depth, audit queue and journal) are summed, and gauges of state every worker observes for
-itself (backend health, circuits, dependency status) are the answering worker's own. A worker that does
-not answer is left out of that scrape. A restarted worker starts its counters at zero, so the sums drop
-once: Prometheus reads that as a counter reset.
+flight, per backend too, queue depth, audit queue and journal) are summed, and gauges of state every
+worker observes for itself (backend health, circuits, dependency status) are the answering worker's own.
+A worker that does not answer is left out of that scrape. A restarted worker starts its counters at zero,
+so the sums drop once: Prometheus reads that as a counter reset.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ TOPIC = "metrics"
 # the answering worker's value stands for all (a sum would count each backend once per worker).
 OWN_STATE = ("sluice_backend_", "sluice_model_", "sluice_dependency_up", "sluice_audit_database_up",
              "sluice_cache_store_up", "sluice_rate_limit_degraded")  # fmt: skip
+SUMMED_STATE = frozenset({"sluice_backend_in_flight"})  # a per-backend gauge that is each worker's share
 
 Family = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]  # name, type, help, samples
 
@@ -54,7 +55,7 @@ def _merge(own: list[Family], others: list[list[Family]]) -> list[Family]:
     merged: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
     for position, families in enumerate([own, *others]):
         for name, kind, documentation, samples in families:
-            if position and kind == "gauge" and name.startswith(OWN_STATE):
+            if position and kind == "gauge" and name.startswith(OWN_STATE) and name not in SUMMED_STATE:
                 continue
             _, _, values = merged.setdefault(name, (kind, documentation, {}))
             for sample, labels, value in samples:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -24,13 +25,15 @@ from tests.conftest import free_port
 KEY = "sk-cli-test-0123456789"
 
 
-def http(url: str, body: dict[str, object] | None = None, key: str | None = None) -> tuple[int, Any]:
+def http(
+    url: str, body: dict[str, object] | None = None, key: str | None = None, timeout: float = 5
+) -> tuple[int, Any]:
     """One request on a fresh connection (so SO_REUSEPORT can hand it to either worker)."""
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"null")
@@ -331,3 +334,41 @@ def test_a_console_drain_reaches_every_worker(tmp_path: Path, processes: list[su
     assert served_by_b(20) == 0  # neither worker sends b anything
     assert http(f"http://127.0.0.1:{port}/admin/backends/b/undrain", {}, admin)[0] == 200
     assert drained_b() == [False] * 10 and served_by_b(20) > 0
+
+
+def test_requests_in_flight_count_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """Requests held by both workers: /metrics and the console show them all, whichever worker answers."""
+    fake_port, port, admin = free_port(), free_port(), "admin-cli-0123456789"
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base", "--ttft-ms", "8000"]
+    ))  # fmt: skip
+    wait_http(f"http://127.0.0.1:{fake_port}/health")
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
+        f"auth:\n  admin_key: {admin}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    processes.append(gateway)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    body = {"model": "base", "messages": [{"role": "user", "content": "hold on"}], "max_tokens": 2}
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:  # 12 connections: both workers hold some
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        held = [pool.submit(http, url, body, KEY, timeout=30) for _ in range(12)]
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return str(response.read().decode())
+
+        deadline = time.monotonic() + 4  # until all 12 are admitted (each waits 8 s for its first token)
+        while 'sluice_backend_in_flight{backend="a"} 12.0' not in scrape() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _ in range(6):
+            assert 'sluice_backend_in_flight{backend="a"} 12.0' in scrape()
+            state = http(f"http://127.0.0.1:{port}/console/api/state", key=admin)[1]
+            assert state["backends"][0]["in_flight"] == 12
+        assert [future.result()[0] for future in held] == [200] * 12
