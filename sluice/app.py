@@ -225,7 +225,7 @@ class Gateway:
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
         usage = AdminUsage(lambda: self.database)
         local.handlers.update(admin_usage=usage.report, usage=usage.own)
-        cache_admin = AdminCache(self.cache)
+        cache_admin = AdminCache(self.cache, self.siblings)
         local.handlers.update(admin_cache=cache_admin.status, admin_cache_purge=cache_admin.purge)
         local.handlers["admin_alerts"] = self.repair.receive if self.repair is not None else repair_off
         local.handlers["openapi"] = self.openapi.serve

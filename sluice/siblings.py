@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 log = logging.getLogger("sluice.workers")
@@ -24,7 +25,7 @@ SIBLING_TIMEOUT = 1.0
 WORKERS_ENV = "SLUICE_WORKERS_DIR"
 LINE_MAX_BYTES = 1024
 
-Answer = Callable[[str], bytes]  # the argument ("" when none) -> the answer
+Answer = Callable[[str], bytes | Awaitable[bytes]]  # the argument ("" when none) -> the answer
 
 
 class Siblings:
@@ -46,10 +47,13 @@ class Siblings:
 
     async def ask(self, topic: str, argument: str = "") -> list[bytes]:
         """Every sibling's answer to `topic` that arrives in time (this worker's own is not included)."""
+        return [answer for answer in await self.ask_each(topic, argument) if answer is not None]
+
+    async def ask_each(self, topic: str, argument: str = "") -> list[bytes | None]:
+        """Each sibling's answer to `topic`, None for one that did not answer in time."""
         siblings = [path for path in self._directory.glob("*.sock") if path != self._socket]
         line = f"{topic} {argument}" if argument else topic
-        answers = await asyncio.gather(*(_ask(path, line) for path in siblings))
-        return [answer for answer in answers if answer is not None]
+        return list(await asyncio.gather(*(_ask(path, line) for path in siblings)))
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -57,7 +61,8 @@ class Siblings:
                 line = (await reader.readline())[:LINE_MAX_BYTES].strip().decode("utf-8", "replace")
             topic, _, argument = line.partition(" ")
             answer = self.answers.get(topic)
-            writer.write(answer(argument) if answer is not None else b"")
+            result = answer(argument) if answer is not None else b""
+            writer.write(await result if inspect.isawaitable(result) else result)
             await writer.drain()
         except (OSError, TimeoutError):
             pass  # the asking worker gave up (timeout) or exited

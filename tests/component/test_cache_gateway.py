@@ -23,6 +23,7 @@ import redis
 
 from sluice.app import Gateway
 from sluice.cache.redis_store import RedisCacheStore
+from sluice.siblings import WORKERS_ENV
 from sluice.testing.fake_vllm import FakeVLLM
 from tests.component.test_audit_log import rows_eventually
 from tests.conftest import API_KEY, StartFake, StartGateway, free_port
@@ -295,6 +296,27 @@ class Remote:
     """A gateway in another process, as `chat` sees it."""
 
     url: str
+
+
+async def test_a_purge_a_worker_did_not_confirm_answers_503(
+    fake: StartFake, gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process store, several workers: a sibling that does not answer makes the purge say so (retry)."""
+    monkeypatch.setenv(WORKERS_ENV, str(tmp_path))
+    (tmp_path / "999999.sock").write_bytes(b"")  # a worker that died without cleaning up: nothing listens
+    gw = await gateway([await fake("base", tokens=4)], **cache_sections(await fake("embedder"), None))
+    await chat(gw)
+    await settled(gw)
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession(headers=admin) as session:
+        async with session.post(gw.url + "/admin/cache/purge", json={"all": True}) as response:
+            body = await response.json()
+            assert response.status == 503 and response.headers["retry-after"] == "5"
+            assert body["error"]["code"] == "cache_unavailable"
+            assert "1 worker(s) did not confirm" in body["error"]["message"]
+        assert not (tmp_path / "999999.sock").exists()  # forgotten: the next purge asks only live workers
+        async with session.post(gw.url + "/admin/cache/purge", json={"all": True}) as response:
+            assert (response.status, await response.json()) == (200, {"purged": 0})  # purged the first time
 
 
 async def eventually_hit(gw: Gateway | Remote, messages: list[dict[str, str]], result: str) -> None:

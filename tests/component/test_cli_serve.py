@@ -372,3 +372,40 @@ def test_requests_in_flight_count_every_worker(tmp_path: Path, processes: list[s
             state = http(f"http://127.0.0.1:{port}/console/api/state", key=admin)[1]
             assert state["backends"][0]["in_flight"] == 12
         assert [future.result()[0] for future in held] == [200] * 12
+
+
+def test_the_in_process_cache_is_counted_and_purged_in_every_worker(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """`store: memory` with two workers: each has its own entries; the admin API sees and purges them all."""
+    fake_port, port, admin = free_port(), free_port(), "admin-cli-0123456789"
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"]
+    ))  # fmt: skip
+    wait_http(f"http://127.0.0.1:{fake_port}/health")
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
+        f"auth:\n  admin_key: {admin}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
+        "cache: {enabled: true, store: memory, semantic: {enabled: false}}\n"
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    processes.append(gateway)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    for n in range(30):  # 30 different questions on fresh connections: each worker stores its share
+        body = {"model": "base", "messages": [{"role": "user", "content": f"question {n}"}], "temperature": 0}
+        assert http(f"http://127.0.0.1:{port}/v1/chat/completions", body, KEY)[0] == 200
+
+    def entries() -> list[int]:
+        return [http(f"http://127.0.0.1:{port}/admin/cache", key=admin)[1]["entries"] for _ in range(10)]
+
+    deadline = time.monotonic() + 5  # answers are stored in the background
+    while entries() != [30] * 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert entries() == [30] * 10
+    assert http(f"http://127.0.0.1:{port}/admin/cache/purge", {"all": True}, admin) == (200, {"purged": 30})
+    assert entries() == [0] * 10
