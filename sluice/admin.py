@@ -8,8 +8,8 @@
     POST /admin/keys/<id or name>/revoke
     POST /admin/keys/<id or name>/rotate   → the new key, once
 
-Records never contain the key, only its display prefix. Revoking or rotating evicts the key from this
-replica's cache and announces it to the others (sluice/identity/revocations.py).
+Records never contain the key, only its display prefix. Revoking or rotating evicts the key from the cache of
+every worker of this replica and announces it to the others (sluice/identity/revocations.py).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from sluice.http.server import HttpServerProtocol, RequestIds, ServerSettings
 from sluice.identity.jwt import JwtVerifier
 from sluice.identity.keys import KeyStore
 from sluice.identity.managed import ManagedKeys
-from sluice.identity.revocations import RevocationFeed
+from sluice.identity.revocations import REVOKED_TOPIC, RevocationFeed
 from sluice.logs import AccessLog, access_log_enabled
 from sluice.metrics import GatewayMetrics
 from sluice.metrics_workers import WorkerMetrics
@@ -221,7 +221,7 @@ class Gateway:
             self.worker_metrics.render if self.worker_metrics is not None else None,
             {route.model: route.base_model for route in config.rag.routes} if self.retriever is not None else None,
         )
-        admin = AdminKeys(self.managed, self.revocations.publish if self.revocations is not None else None)
+        admin = AdminKeys(self.managed, self._announce_revocation)
         local.handlers.update(admin_keys=admin.collection, admin_key=admin.item)
         usage = AdminUsage(lambda: self.database)
         local.handlers.update(admin_usage=usage.report, usage=usage.own)
@@ -490,10 +490,19 @@ class Gateway:
         if secret is None:
             return
         self.database = await self._open_database()
-        self.managed = ManagedKeys(KeyStore(self.database, secret.encode()), self.config.auth.key_cache_ttl)
+        managed = self.managed = ManagedKeys(KeyStore(self.database, secret.encode()), self.config.auth.key_cache_ttl)
+        if self.siblings is not None:
+            self.siblings.answers[REVOKED_TOPIC] = lambda key_id: _evicted(managed, key_id)
         if self.config.redis.url is not None:
             self.revocations = RevocationFeed(self.config.redis.url, self.managed.evict)
             await self.revocations.start()
+
+    async def _announce_revocation(self, key_id: str) -> None:
+        """A revoked or rotated key leaves every worker's key cache at once, and every replica's through Redis."""
+        if self.siblings is not None:
+            await self.siblings.ask(REVOKED_TOPIC, key_id)
+        if self.revocations is not None:
+            await self.revocations.publish(key_id)
 
     async def _open_database(self) -> Database:
         """`database.url`, connected and migrated, once (managed keys and the audit log share it)."""
@@ -579,3 +588,9 @@ class Gateway:
         for server in (self._server, self._admin_server):
             if server is not None:
                 await server.wait_closed()
+
+
+def _evicted(managed: ManagedKeys, key_id: str) -> bytes:
+    """A sibling worker's revocation: forget the key here too."""
+    managed.evict(key_id)
+    return b"ok"

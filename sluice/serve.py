@@ -117,6 +117,12 @@ def _child(config: SluiceConfig, path: Path | None) -> None:
 
 
 def _supervise(config: SluiceConfig, count: int, path: Path | None) -> int:
+    if config.redis.url is None:
+        log.warning(
+            "several workers and no redis.url: each worker counts rate limits on its own, so a limit admits up"
+            " to workers x its rate; set redis.url (a Redis on this host is enough) to share them",
+            extra={"workers": count},
+        )
     sockets = tempfile.mkdtemp(prefix="sluice-workers-")  # where workers find each other (sluice/siblings.py)
     os.environ[WORKERS_ENV] = sockets
     try:

@@ -2,9 +2,10 @@
 
 Replicas cache key lookups for `auth.key_cache_ttl` seconds; a revocation published here makes each
 subscriber drop its cached entry for that key immediately, so a revoked key stops working everywhere
-within a second instead of at the end of the cache TTL. Without Redis (one replica) the admin API evicts
-its own cache directly and `sluice keys revoke` takes effect within the TTL. A lost connection is retried
-every second; while it is down, the TTL is the bound.
+within a second instead of at the end of the cache TTL. The admin API also tells the sibling workers of
+its replica at once (`REVOKED_TOPIC` on sluice/siblings.py), with or without Redis; without Redis other
+replicas and `sluice keys revoke` take effect within the TTL. A lost connection is retried every second;
+while it is down, the TTL is the bound.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import redis.asyncio as redis
 
 log = logging.getLogger("sluice.revocations")
 CHANNEL = "sluice:keys:revoked"
+REVOKED_TOPIC = "key-revoked"  # between the workers of one replica (sluice/siblings.py)
 
 
 async def publish_revocation(url: str, key_id: str) -> int:

@@ -165,6 +165,7 @@ def test_serve_with_two_workers(tmp_path: Path, processes: list[subprocess.Popen
     lines = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines()]
     pids = {line["pid"] for line in lines if line["msg"] == "sluice listening"}
     assert len(pids) == 2, lines
+    assert sum(line["msg"].startswith("several workers and no redis.url") for line in lines) == 1  # said once
     access = [line for line in lines if line["logger"] == "sluice.access" and line["path"].startswith("/v1/")]
     assert len(access) == 41  # 40 completions and one model list, each logged once, none lost at exit
     assert {line["status"] for line in access} == {200}
@@ -409,3 +410,34 @@ def test_the_in_process_cache_is_counted_and_purged_in_every_worker(
     assert entries() == [30] * 10
     assert http(f"http://127.0.0.1:{port}/admin/cache/purge", {"all": True}, admin) == (200, {"purged": 30})
     assert entries() == [0] * 10
+
+
+def test_a_key_revoked_through_one_worker_stops_in_both_at_once(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Managed keys are cached per worker for key_cache_ttl (60 s here): a revocation must not wait for it."""
+    fake_port, port, admin = free_port(), free_port(), "admin-cli-0123456789"
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"]
+    ))  # fmt: skip
+    wait_http(f"http://127.0.0.1:{fake_port}/health")
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
+        f"auth: {{admin_key: {admin}, key_secret: '{'s' * 40}', key_cache_ttl: 60}}\n"
+        f"database: {{url: 'sqlite:///{tmp_path}/sluice.db'}}\n"
+        "audit: {enabled: false}\n"
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    processes.append(gateway)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    status, created = http(f"http://127.0.0.1:{port}/admin/keys", {"name": "team"}, admin)
+    assert status == 201
+    models = f"http://127.0.0.1:{port}/v1/models"
+    assert [http(models, key=created["key"])[0] for _ in range(20)] == [200] * 20  # cached by both workers
+    assert http(f"http://127.0.0.1:{port}/admin/keys/{created['id']}/revoke", {}, admin)[0] == 200
+    assert [http(models, key=created["key"])[0] for _ in range(20)] == [401] * 20
