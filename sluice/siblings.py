@@ -29,9 +29,10 @@ Answer = Callable[[str], bytes | Awaitable[bytes]]  # the argument ("" when none
 
 
 class Siblings:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str | None = None) -> None:
+        """`name`: of this worker's socket (its pid by default)."""
         self._directory = directory
-        self._socket = directory / f"{os.getpid()}.sock"
+        self._socket = directory / f"{name or os.getpid()}.sock"
         self._server: asyncio.AbstractServer | None = None
         self.answers: dict[str, Answer] = {}  # topic -> this worker's answer, registered by each user
 
@@ -56,6 +57,7 @@ class Siblings:
         return list(await asyncio.gather(*(_ask(path, line) for path in siblings)))
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        topic = ""
         try:
             async with asyncio.timeout(SIBLING_TIMEOUT):
                 line = (await reader.readline())[:LINE_MAX_BYTES].strip().decode("utf-8", "replace")
@@ -66,6 +68,8 @@ class Siblings:
             await writer.drain()
         except (OSError, TimeoutError):
             pass  # the asking worker gave up (timeout) or exited
+        except Exception:  # a bug in one answer: the asker sees no answer, this worker goes on
+            log.exception("answering a sibling worker failed", extra={"topic": topic})
         finally:
             writer.close()
 
