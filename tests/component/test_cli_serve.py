@@ -295,32 +295,42 @@ def test_sighup_and_sluice_reload_reach_every_worker(tmp_path: Path, processes: 
     assert gateway.poll() is None and everyone_accepts(third)
 
 
-def test_a_console_drain_reaches_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    """No Redis: the drain button's worker tells its sibling, so every poll and every request agrees."""
-    ports = [free_port(), free_port()]
-    for fake_port in ports:
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"]
-        ))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{fake_port}/health")
-    port, admin = free_port(), "admin-cli-0123456789"
+ADMIN = "admin-cli-0123456789"
+AUTH = f"auth:\n  admin_key: {ADMIN}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
+
+
+def fake_vllm(processes: list[subprocess.Popen[bytes]], *flags: str) -> int:
+    """A fake vLLM process serving `base`; its port, once it answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(port), "--model", "base", *flags]
+    processes.append(subprocess.Popen(command))
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return port
+
+
+def two_workers(tmp_path: Path, processes: list[subprocess.Popen[bytes]], fakes: list[int], sections: str) -> int:
+    """`sluice serve --workers 2` in front of `fakes` (backends a, b, …) with `sections`; its port, once ready."""
+    port = free_port()
+    backends = "".join(f"  - {{name: {chr(97 + i)}, url: 'http://127.0.0.1:{fake}'}}\n" for i, fake in enumerate(fakes))
     config = tmp_path / "sluice.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{ports[0]}'}}\n"
-        f"  - {{name: b, url: 'http://127.0.0.1:{ports[1]}'}}\n"
-        f"auth:\n  admin_key: {admin}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
-    )
+    config.write_text(f"server: {{host: 127.0.0.1, port: {port}}}\nbackends:\n{backends}{sections}")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
         stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
     )  # fmt: skip
     processes.append(gateway)
     wait_http(f"http://127.0.0.1:{port}/ready")
+    return port
+
+
+def test_a_console_drain_reaches_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """No Redis: the drain button's worker tells its sibling, so every poll and every request agrees."""
+    ports = [fake_vllm(processes), fake_vllm(processes)]
+    port = two_workers(tmp_path, processes, ports, AUTH)
 
     def drained_b() -> list[bool]:
         """What 10 state polls on fresh connections (either worker) say of b."""
-        answers = [http(f"http://127.0.0.1:{port}/console/api/state", key=admin)[1] for _ in range(10)]
+        answers = [http(f"http://127.0.0.1:{port}/console/api/state", key=ADMIN)[1] for _ in range(10)]
         return [next(b["drained"] for b in state["backends"] if b["name"] == "b") for state in answers]
 
     def served_by_b(count: int) -> int:
@@ -330,32 +340,16 @@ def test_a_console_drain_reaches_every_worker(tmp_path: Path, processes: list[su
         return int(http(f"http://127.0.0.1:{ports[1]}/fake/stats")[1]["requests_total"]) - before
 
     assert drained_b() == [False] * 10 and served_by_b(20) > 0
-    assert http(f"http://127.0.0.1:{port}/admin/backends/b/drain", {}, admin)[0] == 200
+    assert http(f"http://127.0.0.1:{port}/admin/backends/b/drain", {}, ADMIN)[0] == 200
     assert drained_b() == [True] * 10
     assert served_by_b(20) == 0  # neither worker sends b anything
-    assert http(f"http://127.0.0.1:{port}/admin/backends/b/undrain", {}, admin)[0] == 200
+    assert http(f"http://127.0.0.1:{port}/admin/backends/b/undrain", {}, ADMIN)[0] == 200
     assert drained_b() == [False] * 10 and served_by_b(20) > 0
 
 
 def test_requests_in_flight_count_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
     """Requests held by both workers: /metrics and the console show them all, whichever worker answers."""
-    fake_port, port, admin = free_port(), free_port(), "admin-cli-0123456789"
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base", "--ttft-ms", "8000"]
-    ))  # fmt: skip
-    wait_http(f"http://127.0.0.1:{fake_port}/health")
-    config = tmp_path / "sluice.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
-        f"auth:\n  admin_key: {admin}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
-    )
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
-        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
-    )  # fmt: skip
-    processes.append(gateway)
-    wait_http(f"http://127.0.0.1:{port}/ready")
+    port = two_workers(tmp_path, processes, [fake_vllm(processes, "--ttft-ms", "8000")], AUTH)
     body = {"model": "base", "messages": [{"role": "user", "content": "hold on"}], "max_tokens": 2}
     with concurrent.futures.ThreadPoolExecutor(12) as pool:  # 12 connections: both workers hold some
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -370,7 +364,7 @@ def test_requests_in_flight_count_every_worker(tmp_path: Path, processes: list[s
             time.sleep(0.1)
         for _ in range(6):
             assert 'sluice_backend_in_flight{backend="a"} 12.0' in scrape()
-            state = http(f"http://127.0.0.1:{port}/console/api/state", key=admin)[1]
+            state = http(f"http://127.0.0.1:{port}/console/api/state", key=ADMIN)[1]
             assert state["backends"][0]["in_flight"] == 12
         assert [future.result()[0] for future in held] == [200] * 12
 
@@ -379,36 +373,20 @@ def test_the_in_process_cache_is_counted_and_purged_in_every_worker(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """`store: memory` with two workers: each has its own entries; the admin API sees and purges them all."""
-    fake_port, port, admin = free_port(), free_port(), "admin-cli-0123456789"
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"]
-    ))  # fmt: skip
-    wait_http(f"http://127.0.0.1:{fake_port}/health")
-    config = tmp_path / "sluice.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
-        f"auth:\n  admin_key: {admin}\n  api_keys:\n    - {{name: ci, key: '{KEY}'}}\n"
-        "cache: {enabled: true, store: memory, semantic: {enabled: false}}\n"
-    )
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
-        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
-    )  # fmt: skip
-    processes.append(gateway)
-    wait_http(f"http://127.0.0.1:{port}/ready")
+    cache = "cache: {enabled: true, store: memory, semantic: {enabled: false}}\n"
+    port = two_workers(tmp_path, processes, [fake_vllm(processes)], AUTH + cache)
     for n in range(30):  # 30 different questions on fresh connections: each worker stores its share
         body = {"model": "base", "messages": [{"role": "user", "content": f"question {n}"}], "temperature": 0}
         assert http(f"http://127.0.0.1:{port}/v1/chat/completions", body, KEY)[0] == 200
 
     def entries() -> list[int]:
-        return [http(f"http://127.0.0.1:{port}/admin/cache", key=admin)[1]["entries"] for _ in range(10)]
+        return [http(f"http://127.0.0.1:{port}/admin/cache", key=ADMIN)[1]["entries"] for _ in range(10)]
 
     deadline = time.monotonic() + 5  # answers are stored in the background
     while entries() != [30] * 10 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert entries() == [30] * 10
-    assert http(f"http://127.0.0.1:{port}/admin/cache/purge", {"all": True}, admin) == (200, {"purged": 30})
+    assert http(f"http://127.0.0.1:{port}/admin/cache/purge", {"all": True}, ADMIN) == (200, {"purged": 30})
     assert entries() == [0] * 10
 
 
@@ -416,28 +394,15 @@ def test_a_key_revoked_through_one_worker_stops_in_both_at_once(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """Managed keys are cached per worker for key_cache_ttl (60 s here): a revocation must not wait for it."""
-    fake_port, port, admin = free_port(), free_port(), "admin-cli-0123456789"
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "sluice", "fake-vllm", "--port", str(fake_port), "--model", "base"]
-    ))  # fmt: skip
-    wait_http(f"http://127.0.0.1:{fake_port}/health")
-    config = tmp_path / "sluice.yaml"
-    config.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
-        f"backends:\n  - {{name: a, url: 'http://127.0.0.1:{fake_port}'}}\n"
-        f"auth: {{admin_key: {admin}, key_secret: '{'s' * 40}', key_cache_ttl: 60}}\n"
+    sections = (
+        f"auth: {{admin_key: {ADMIN}, key_secret: '{'s' * 40}', key_cache_ttl: 60}}\n"
         f"database: {{url: 'sqlite:///{tmp_path}/sluice.db'}}\n"
         "audit: {enabled: false}\n"
     )
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
-        stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
-    )  # fmt: skip
-    processes.append(gateway)
-    wait_http(f"http://127.0.0.1:{port}/ready")
-    status, created = http(f"http://127.0.0.1:{port}/admin/keys", {"name": "team"}, admin)
+    port = two_workers(tmp_path, processes, [fake_vllm(processes)], sections)
+    status, created = http(f"http://127.0.0.1:{port}/admin/keys", {"name": "team"}, ADMIN)
     assert status == 201
     models = f"http://127.0.0.1:{port}/v1/models"
     assert [http(models, key=created["key"])[0] for _ in range(20)] == [200] * 20  # cached by both workers
-    assert http(f"http://127.0.0.1:{port}/admin/keys/{created['id']}/revoke", {}, admin)[0] == 200
+    assert http(f"http://127.0.0.1:{port}/admin/keys/{created['id']}/revoke", {}, ADMIN)[0] == 200
     assert [http(models, key=created["key"])[0] for _ in range(20)] == [401] * 20
