@@ -59,11 +59,12 @@ class AdminCache:
     def __init__(self, cache: ResponseCache | None, siblings: Siblings | None = None) -> None:
         """`siblings`: the other workers, asked too when the store is in process (each has its own)."""
         self._cache = cache
-        self._siblings = siblings if cache is not None and isinstance(cache.store, MemoryCacheStore) else None
-        if self._siblings is not None and cache is not None:
+        self._siblings: Siblings | None = None
+        if siblings is not None and cache is not None and isinstance(cache.store, MemoryCacheStore):
+            self._siblings = siblings
             store = cache.store
-            self._siblings.answers[SIZE] = lambda _: _count(store.size())
-            self._siblings.answers[PURGE] = lambda argument: _count(store.purge(*orjson.loads(argument)))
+            siblings.answers[SIZE] = lambda _: _count(store.size())
+            siblings.answers[PURGE] = lambda argument: _count(store.purge(*orjson.loads(argument)))
 
     async def status(self, ctx: RequestContext) -> None:
         cache = self._enabled()

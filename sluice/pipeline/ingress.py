@@ -24,16 +24,12 @@ class IngressStage:
         playground's calls, False all but the first two (for a gateway whose admin API has a listener of
         its own, `server.admin_port`)."""
         self.admin = admin
-        self._routes = {
-            path: route
-            for path, route in routes.items()
-            if admin is None or route.on_admin_listener == admin or (admin and route.name in CONSOLE_CALLS)
-        }
-        self._prefixes = tuple(
-            (prefix, route)
-            for prefix, route in (prefixes or {}).items()
-            if admin is None or route.on_admin_listener == admin
-        )
+
+        def served(route: Route) -> bool:
+            return admin is None or route.on_admin_listener == admin or (admin and route.name in CONSOLE_CALLS)
+
+        self._routes = {path: route for path, route in routes.items() if served(route)}
+        self._prefixes = tuple((prefix, route) for prefix, route in (prefixes or {}).items() if served(route))
 
     def route_for(self, path: str) -> Route | None:
         """The route serving `path`, whatever the method (CORS preflights ask before they send)."""
