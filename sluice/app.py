@@ -446,6 +446,7 @@ class Gateway:
         if self.siblings is not None:
             await self.siblings.start()
         await self.drains.start()
+        await self.logouts.start()
         await self._follow_console(self.config)
         if self.retriever is not None:
             await self.retriever.start()

@@ -9,7 +9,9 @@ Automatic repair (sluice/repair.py) and the console's drain buttons (sluice/admi
 through here. A drain reaches the sibling workers of this replica at once (topic `drain` on
 sluice/siblings.py: the console's next poll may land on any of them). With `redis.url` drains are also
 kept in a hash shared by every replica, read every `repair.sync_interval`, so all of them act whichever
-one was asked; without Redis they hold in this replica's workers until they restart.
+one was asked; without Redis they hold in this replica's workers, and a worker the supervisor restarts
+learns them from its siblings before it listens (topic `drains-held`): they end when the whole replica
+stops.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sluice.upstream.backends import Backend, Backends
 log = logging.getLogger("sluice.drains")
 SEPARATOR = "|"
 TOPIC = "drain"
+HELD_TOPIC = "drains-held"
 Outcome = Literal["done", "already", "refused_last_backend"]
 
 
@@ -43,6 +46,7 @@ class Drains:
         self._siblings = siblings
         if siblings is not None:
             siblings.answers[TOPIC] = self._told
+            siblings.answers[HELD_TOPIC] = self._held
         self._key = prefix + "drained"
         self._sync_interval = sync_interval
         self._client = (
@@ -58,7 +62,9 @@ class Drains:
 
     async def start(self) -> None:
         if self._client is not None:
-            self._task = asyncio.create_task(self._follow(), name="drains-sync")
+            self._task = asyncio.create_task(self._follow(), name="drains-sync")  # Redis has them all
+        elif self._siblings is not None:
+            await self._catch_up()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -116,6 +122,20 @@ class Drains:
             (self._drains.add if drained == "1" else self._drains.discard)((backend, reason))
             self.apply()
         return b"ok"
+
+    def _held(self, _: str) -> bytes:
+        """The drains in force here, one `<backend>|<reason>` per line."""
+        return "\n".join(SEPARATOR.join(pair) for pair in sorted(self._drains)).encode()
+
+    async def _catch_up(self) -> None:
+        """A restarted worker takes the drains its siblings hold (no Redis: nothing else kept them)."""
+        assert self._siblings is not None
+        for answer in await self._siblings.ask(HELD_TOPIC):
+            for line in answer.decode("utf-8", "replace").splitlines():
+                backend, _, reason = line.partition(SEPARATOR)
+                if backend and reason:
+                    self._drains.add((backend, reason))
+        self.apply()
 
     def apply(self) -> None:
         """Mark each backend with the reasons draining it (also after a reload replaced backends)."""

@@ -10,7 +10,8 @@ When Redis cannot be reached, the check answers from this process's record alone
 minute): a session logged out on another replica is accepted until Redis answers again. The console
 stays usable during the outage, when an operator needs it most; the admin key itself (bearer) is not
 affected, and rotating `auth.admin_key` still ends every session at once. Without `redis.url`, a logout
-reaches this replica's workers only.
+reaches this replica's workers only. A worker the supervisor restarts asks its siblings for the logouts
+they hold before it listens (topic `console-logouts-held`), so a restart forgets none.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sluice.siblings import Siblings
 
 log = logging.getLogger("sluice.console")
 TOPIC = "console-logout"
+HELD_TOPIC = "console-logouts-held"
 WARN_EVERY = 60.0
 
 
@@ -50,11 +52,19 @@ class Logouts:
         self._warned_at = -WARN_EVERY
         if siblings is not None:
             siblings.answers[TOPIC] = self._told
+            siblings.answers[HELD_TOPIC] = self._held
 
     @property
     def shared(self) -> bool:
         """Whether logouts reach other replicas (through Redis), so a check must ask there too."""
         return self._client is not None
+
+    async def start(self) -> None:
+        """Take the logouts the sibling workers hold (this worker may be a restarted one)."""
+        if self._siblings is not None:
+            for answer in await self._siblings.ask(HELD_TOPIC):
+                for line in answer.decode("utf-8", "replace").splitlines():
+                    self._told(line)
 
     def ended_here(self, session: Session) -> bool:
         """Whether this process knows `session` was logged out (no I/O)."""
@@ -96,6 +106,10 @@ class Logouts:
         if session_id and expires.isdigit():
             self._remember(session_id, int(expires))
         return b"ok"
+
+    def _held(self, _: str) -> bytes:
+        """The logouts this worker holds, one `<id>:<expiry>` per line."""
+        return "\n".join(f"{session_id}:{int(until)}" for session_id, until in self._ended.items()).encode()
 
     def _remember(self, session_id: str, expires: float) -> None:
         now = self._clock()

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,14 +52,18 @@ def wait_http(url: str, timeout: float = 15) -> None:
     raise AssertionError(f"{url} did not answer 200 within {timeout} s")
 
 
-def sibling_answer(path: Path, topic: str) -> Any:
+def sibling_bytes(path: Path, topic: str) -> bytes:
     """What a worker answers a sibling on its socket (sluice/siblings.py)."""
     with socket.socket(socket.AF_UNIX) as connection:
         connection.settimeout(5)
         connection.connect(str(path))
         connection.sendall(topic.encode() + b"\n")
-        data = b"".join(iter(lambda: connection.recv(65536), b""))
-    return json.loads(data)
+        return b"".join(iter(lambda: connection.recv(65536), b""))
+
+
+def sibling_answer(path: Path, topic: str) -> Any:
+    """A worker's JSON answer to a sibling."""
+    return json.loads(sibling_bytes(path, topic))
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -316,6 +321,7 @@ def two_workers(tmp_path: Path, processes: list[subprocess.Popen[bytes]], fakes:
     config.write_text(f"server: {{host: 127.0.0.1, port: {port}}}\nbackends:\n{backends}{sections}")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "sluice", "serve", "--config", str(config), "--workers", "2"],
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # the workers' sockets in tmp_path/sluice-workers-*
         stderr=(tmp_path / "gateway.log").open("wb"), start_new_session=True,
     )  # fmt: skip
     processes.append(gateway)
@@ -345,6 +351,34 @@ def test_a_console_drain_reaches_every_worker(tmp_path: Path, processes: list[su
     assert served_by_b(20) == 0  # neither worker sends b anything
     assert http(f"http://127.0.0.1:{port}/admin/backends/b/undrain", {}, ADMIN)[0] == 200
     assert drained_b() == [False] * 10 and served_by_b(20) > 0
+
+
+def test_a_restarted_worker_keeps_the_drains_and_logouts_of_its_siblings(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """No Redis: a worker that dies and is restarted learns from its sibling what only the workers held."""
+    port = two_workers(tmp_path, processes, [fake_vllm(processes), fake_vllm(processes)], AUTH)
+    assert http(f"http://127.0.0.1:{port}/admin/backends/b/drain", {}, ADMIN)[0] == 200
+    gone, kept = console_login(port), console_login(port)
+    assert console_post(port, "/console/logout", gone)[0] == 303
+    sockets = list(tmp_path.glob("*/*.sock"))
+    assert len(sockets) == 2
+    os.kill(int(sockets[0].stem), signal.SIGKILL)  # a socket is named after its worker's pid
+    deadline = time.monotonic() + 20  # until the supervisor has started a new worker and it listens
+    while time.monotonic() < deadline:
+        restarted = [path for path in tmp_path.glob("*/*.sock") if path not in sockets]
+        if restarted:
+            break
+        time.sleep(0.1)
+    assert restarted, "the supervisor did not restart the killed worker"
+    # What the new worker holds, asked as a sibling would: the drain, and the one logout (`<id>:<expiry>`).
+    assert sibling_bytes(restarted[0], "drains-held") == b"b|console"
+    assert re.fullmatch(rb"[0-9a-f]{32}:\d{10}", sibling_bytes(restarted[0], "console-logouts-held"))
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    states = [http(f"http://127.0.0.1:{port}/console/api/state", key=ADMIN)[1] for _ in range(10)]
+    assert [next(b["drained"] for b in state["backends"] if b["name"] == "b") for state in states] == [True] * 10
+    assert [console_poll(port, gone) for _ in range(10)] == [401] * 10
+    assert [console_poll(port, kept) for _ in range(10)] == [200] * 10
 
 
 def test_requests_in_flight_count_every_worker(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
