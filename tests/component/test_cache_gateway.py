@@ -303,8 +303,10 @@ async def test_a_purge_a_worker_did_not_confirm_answers_503(
 ) -> None:
     """In-process store, several workers: a sibling that does not answer makes the purge say so (retry)."""
     monkeypatch.setenv(WORKERS_ENV, str(tmp_path))
-    (tmp_path / "999999.sock").write_bytes(b"")  # a worker that died without cleaning up: nothing listens
     gw = await gateway([await fake("base", tokens=4)], **cache_sections(await fake("embedder"), None))
+    # A worker that died without cleaning up after this one started (one found at start-up is forgotten then,
+    # when the new worker asks its siblings for their drains and logouts): nothing listens on its socket.
+    (tmp_path / "999999.sock").write_bytes(b"")
     await chat(gw)
     await settled(gw)
     admin = {"authorization": f"Bearer {ADMIN}"}
