@@ -130,11 +130,10 @@ class Drains:
     async def _catch_up(self) -> None:
         """A restarted worker takes the drains its siblings hold (no Redis: nothing else kept them)."""
         assert self._siblings is not None
-        for answer in await self._siblings.ask(HELD_TOPIC):
-            for line in answer.decode("utf-8", "replace").splitlines():
-                backend, _, reason = line.partition(SEPARATOR)
-                if backend and reason:
-                    self._drains.add((backend, reason))
+        for line in await self._siblings.ask_lines(HELD_TOPIC):
+            backend, _, reason = line.partition(SEPARATOR)
+            if backend and reason:
+                self._drains.add((backend, reason))
         self.apply()
 
     def apply(self) -> None:

@@ -50,6 +50,11 @@ class Siblings:
         """Every sibling's answer to `topic` that arrives in time (this worker's own is not included)."""
         return [answer for answer in await self.ask_each(topic, argument) if answer is not None]
 
+    async def ask_lines(self, topic: str) -> list[str]:
+        """The lines of every sibling's answer to `topic`, for answers that list what a worker holds."""
+        answers = await self.ask(topic)
+        return [line for answer in answers for line in answer.decode("utf-8", "replace").splitlines()]
+
     async def ask_each(self, topic: str, argument: str = "") -> list[bytes | None]:
         """Each sibling's answer to `topic`, None for one that did not answer in time."""
         siblings = [path for path in self._directory.glob("*.sock") if path != self._socket]

@@ -62,9 +62,8 @@ class Logouts:
     async def start(self) -> None:
         """Take the logouts the sibling workers hold (this worker may be a restarted one)."""
         if self._siblings is not None:
-            for answer in await self._siblings.ask(HELD_TOPIC):
-                for line in answer.decode("utf-8", "replace").splitlines():
-                    self._told(line)
+            for line in await self._siblings.ask_lines(HELD_TOPIC):
+                self._told(line)
 
     def ended_here(self, session: Session) -> bool:
         """Whether this process knows `session` was logged out (no I/O)."""

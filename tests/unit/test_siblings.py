@@ -36,6 +36,15 @@ async def test_every_sibling_answers_a_topic_with_its_argument(workers: tuple[Si
     assert await one.ask_each("unknown") == [b"", b""]
 
 
+async def test_listed_answers_are_read_as_lines(workers: tuple[Siblings, Siblings, Siblings]) -> None:
+    one, two, three = workers
+    two.answers["held"] = lambda _: b"a|x\nb|y"
+    three.answers["held"] = lambda _: b""  # holds nothing
+    assert sorted(await one.ask_lines("held")) == ["a|x", "b|y"]
+    three.answers["held"] = lambda _: b"\xff|z"
+    assert "\ufffd|z" in await one.ask_lines("held")  # undecodable bytes replaced, not raised
+
+
 async def test_a_silent_failing_or_dead_sibling_is_reported_missing(
     tmp_path: Path, workers: tuple[Siblings, Siblings, Siblings], caplog: pytest.LogCaptureFixture
 ) -> None:
