@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sluice.errors import NoHealthyBackend, UpstreamError, UpstreamTimeout
 from sluice.instruments import Counter, Histogram, collect_all
 from sluice.upstream.backends import Backend, Backends
 
@@ -22,6 +23,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32,
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 60)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5, 1)
 RAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+# Why an attempt is retried elsewhere (the failure's error code): every backend has these series from the
+# first scrape, at 0, because rate() cannot see an increase in a series that is born with it, and a
+# backend's first burst of failures would otherwise be invisible to SluiceBackendErrorRateHigh.
+RETRY_REASONS = (NoHealthyBackend.code, UpstreamError.code, UpstreamTimeout.code)
 CACHE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -178,6 +183,10 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
+        for backend in self._backends.all:  # also those added since (reload, discovery)
+            m.stream_errors.child(backend.name)
+            for reason in RETRY_REASONS:
+                m.retries.child(backend.name, reason)
         yield from collect_all(
             [m.requests, m.duration, m.ttft, m.tpot, m.tokens, m.retries, m.stream_errors, m.circuit_transitions,
              m.adapter_operations, m.rate_limited, m.auth_failures, m.cache_lookups, m.cache_lookup_duration,

@@ -38,7 +38,21 @@ async def test_backend_killed_before_request_is_retried_elsewhere(fake: StartFak
     assert b.stats.completed == 6
     dead = gw.backends.by_name["b0"]
     assert not dead.healthy and "connect" in dead.last_error
-    assert b"sluice_upstream_retries_total" in gw.metrics.render()
+    page = gw.metrics.render().decode()
+    assert 'sluice_upstream_retries_total{backend="b0",reason="no_healthy_backend"} 1.0' in page
+    assert 'sluice_upstream_retries_total{backend="b1",reason="no_healthy_backend"} 0.0' in page
+
+
+async def test_every_backend_has_its_failure_series_at_zero_from_the_start(
+    fake: StartFake, gateway: StartGateway
+) -> None:
+    """rate() sees no increase in a series born with it: a backend's first failures must land on a 0."""
+    gw = await gateway([await fake("base"), await fake("base")])
+    page = gw.metrics.render().decode()
+    for backend in ("b0", "b1"):
+        assert f'sluice_stream_errors_total{{backend="{backend}"}} 0.0' in page
+        for reason in ("bad_gateway", "no_healthy_backend", "upstream_timeout"):
+            assert f'sluice_upstream_retries_total{{backend="{backend}",reason="{reason}"}} 0.0' in page
 
 
 async def test_5xx_is_retried_on_another_backend(fake: StartFake, gateway: StartGateway) -> None:
