@@ -124,6 +124,12 @@ async def screenshot(page: Page, name: str, **options: Any) -> None:
     await page.screenshot(path=str(IMAGES / f"console-{name}.png"), animations="disabled", caret="hide", **options)
 
 
+async def log_in(page: Page, key: str) -> None:
+    """Submit the login form with `key` (the page then shows the console, or says the key is wrong)."""
+    await page.get_by_label("Admin key").fill(key)
+    await page.get_by_role("button", name="Log in").click()
+
+
 async def open_tab(page: Page, name: str) -> None:
     await page.get_by_role("link", name=name, exact=True).click()
     await expect(page.locator(f"#tab-{name.lower()}")).to_be_visible()
@@ -165,12 +171,10 @@ async def walk_through(page: Page, gw: Gateway, plain_fake: FakeVLLM) -> None:
     await expect(login).to_be_visible()
     await expect(page.locator("#app")).to_be_hidden()
     await screenshot(page, "login")
-    await login.fill("not-the-admin-key")
-    await page.get_by_role("button", name="Log in").click()
+    await log_in(page, "not-the-admin-key")
     await expect(page.get_by_role("alert")).to_have_text("Wrong admin key")
     assert page.url.endswith("#login-failed")
-    await page.get_by_label("Admin key").fill(ADMIN)
-    await page.get_by_role("button", name="Log in").click()
+    await log_in(page, ADMIN)
     await expect(page.locator("#app")).to_be_visible()
     await expect(page.get_by_label("Admin key")).to_be_hidden()
 
@@ -349,8 +353,7 @@ async def test_console_meets_wcag_aa_in_light_and_dark(tmp_path: Path, fake: Sta
                 await page.goto(console_url(gw))
                 await expect(page.get_by_label("Admin key")).to_be_visible()
                 await audit(page, f"{scheme} login")
-                await page.get_by_label("Admin key").fill(ADMIN)
-                await page.get_by_role("button", name="Log in").click()
+                await log_in(page, ADMIN)
                 await expect(backend_row(page, "b0").locator('[data-col="health"]')).to_have_text("healthy")
                 await audit(page, f"{scheme} Backends")
                 for tab in ("Traffic", "Keys", "Usage", "Playground"):
